@@ -1,0 +1,9 @@
+"""Pure-PyTorch spectral core: implicit operators, spectrum extraction, clipping and ground truths.
+
+Nothing here imports Lightning, Hydra or torchattacks.
+"""
+
+from lightning_specclip.spectral.operator import ImplicitLinear, eval_mode
+from lightning_specclip.spectral.spectrum import Spectrum, spectrum
+
+__all__ = ["ImplicitLinear", "Spectrum", "eval_mode", "spectrum"]

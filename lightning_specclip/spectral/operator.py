@@ -1,0 +1,279 @@
+"""The linear map behind an affine layer, applied without ever forming its matrix.
+
+A layer ``f`` that is affine in its input (``Linear``, any convolution, BatchNorm with running statistics,
+conv followed by BatchNorm, ...) is ``f(x) = A x + b``. :class:`ImplicitLinear` exposes ``A`` through
+``A x = f(x) - f(0)`` and ``Aᵀ y`` through autograd, for inputs of one fixed shape (the matrix of a
+convolution depends on the input size, padding and stride, so the shape is part of the operator).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ImplicitLinear", "eval_mode"]
+
+Op = nn.Module | Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration of the block, then restore each one's flag.
+
+    Args:
+        module: the module whose submodules are switched; its ``training`` flags are restored exactly,
+            also when the block raises.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3).train()
+        >>> with eval_mode(bn):
+        ...     bn.training
+        False
+        >>> bn.training
+        True
+    """
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        module.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _float_dtype(op: Op, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
+        return dtype
+    if isinstance(op, nn.Module):
+        for t in (*op.parameters(), *op.buffers()):
+            if t.dtype == torch.float64:
+                return torch.float64
+    return torch.float32
+
+
+def _device(op: Op, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(op, nn.Module):
+        for t in (*op.parameters(), *op.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+class ImplicitLinear:
+    """The linear part ``A: x ↦ op(x) − op(0)`` of an affine module or function, on inputs of one shape.
+
+    The operator never writes to the module: parameters and buffers are read through detached copies in
+    the compute dtype (``torch.func.functional_call``), every submodule is evaluated in eval mode (so
+    BatchNorm uses its running statistics and Dropout is the identity) and the original modes are restored
+    after each call; no ``.grad`` is left on any parameter. Math runs in ``dtype`` (float32 by default, or
+    float64 if the module holds float64 tensors) on the module's device, whatever dtype the module holds.
+
+    Args:
+        op: an ``nn.Module`` or a callable mapping a batch ``(B, *input_shape)`` to a tensor ``(B, ...)``.
+        input_shape: the shape of one input, without the batch dimension, e.g. ``(3, 32, 32)``.
+        dtype: compute dtype; default float32 (float64 when the module holds float64 tensors).
+        device: where to compute; default the module's device (CPU for a plain callable).
+        check_affine: probe that ``op`` is affine in its input and refuse it otherwise.
+        atol: relative tolerance of the affinity probe.
+
+    Raises:
+        ValueError: ``input_shape`` is empty or not positive, ``op`` cannot take inputs of that shape,
+            returns non-finite values, or is not affine (when ``check_affine``).
+        TypeError: ``op`` does not return a tensor.
+
+    Example:
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1)
+        >>> A = ImplicitLinear(conv, (2, 8, 8))
+        >>> A.in_features, A.out_features
+        (128, 192)
+        >>> x = torch.randn(4, 2, 8, 8)
+        >>> torch.allclose(A.matvec(x), conv(x) - conv.bias.view(1, 3, 1, 1), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        op: Op,
+        input_shape: Sequence[int],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        check_affine: bool = True,
+        atol: float = 1e-3,
+    ) -> None:
+        if not callable(op):
+            raise TypeError(f"op must be an nn.Module or a callable, got {type(op).__name__}")
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) == 0 or any(s <= 0 for s in shape):
+            raise ValueError(
+                f"input_shape must be a non-empty tuple of positive sizes (without the batch dimension), "
+                f"got {tuple(input_shape)}"
+            )
+        self.op = op
+        self.input_shape: tuple[int, ...] = shape
+        self.dtype = _float_dtype(op, dtype)
+        self.device = _device(op, device)
+        self.in_features = math.prod(shape)
+        self._tensors: dict[str, Tensor] | None = None
+        if isinstance(op, nn.Module):
+            self._tensors = {
+                name: (t.detach().to(self.dtype) if t.is_floating_point() else t)
+                for name, t in (*op.named_parameters(), *op.named_buffers())
+            }
+        try:
+            with torch.no_grad():
+                self._bias = self._call(self.zeros(1))
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise ValueError(
+                f"op cannot take inputs of shape (batch, {', '.join(map(str, shape))}) "
+                f"(input_shape={shape}): {err}"
+            ) from err
+        self.output_shape: tuple[int, ...] = tuple(self._bias.shape[1:])
+        self.out_features = math.prod(self.output_shape)
+        if check_affine:
+            self.check_affine(atol)
+
+    def zeros(self, batch: int) -> Tensor:
+        """Return a zero batch ``(batch, *input_shape)`` in the compute dtype and device.
+
+        Args:
+            batch: number of inputs.
+
+        Returns:
+            Tensor: zeros of shape ``(batch, *input_shape)``.
+
+        Example:
+            >>> ImplicitLinear(nn.Linear(3, 2), (3,)).zeros(2).shape
+            torch.Size([2, 3])
+        """
+        return torch.zeros((batch, *self.input_shape), dtype=self.dtype, device=self.device)
+
+    def _call(self, x: Tensor) -> Tensor:
+        if self._tensors is not None:
+            assert isinstance(self.op, nn.Module)
+            with eval_mode(self.op):
+                out = torch.func.functional_call(self.op, self._tensors, (x,))
+        else:
+            out = self.op(x)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"op must return a tensor, got {type(out).__name__}")
+        if out.dim() == 0 or out.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"op must map a batch (B, *input_shape) to (B, ...): input batch {x.shape[0]} gave output "
+                f"shape {tuple(out.shape)}"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"op must return a floating point tensor, got {out.dtype}")
+        return out.to(self.dtype)
+
+    def matvec(self, x: Tensor) -> Tensor:
+        """Apply ``A`` to a batch: ``op(x) − op(0)``.
+
+        Args:
+            x: inputs of shape ``(B, *input_shape)``.
+
+        Returns:
+            Tensor: ``A x`` of shape ``(B, *output_shape)``.
+
+        Example:
+            >>> lin = nn.Linear(3, 2)
+            >>> A = ImplicitLinear(lin, (3,))
+            >>> torch.allclose(A.matvec(torch.eye(3)), lin.weight.T)
+            True
+        """
+        with torch.no_grad():
+            return self._call(x.to(self.device, self.dtype)) - self._bias
+
+    def rmatvec(self, y: Tensor) -> Tensor:
+        """Apply ``Aᵀ`` to a batch of output-shaped tensors (a vector-Jacobian product).
+
+        Args:
+            y: tensors of shape ``(B, *output_shape)``.
+
+        Returns:
+            Tensor: ``Aᵀ y`` of shape ``(B, *input_shape)``.
+
+        Example:
+            >>> lin = nn.Linear(3, 2)
+            >>> A = ImplicitLinear(lin, (3,))
+            >>> torch.allclose(A.rmatvec(torch.eye(2)), lin.weight)
+            True
+        """
+        y = y.to(self.device, self.dtype)
+        with torch.enable_grad():
+            x = self.zeros(y.shape[0]).requires_grad_(True)
+            (g,) = torch.autograd.grad(self._call(x), x, grad_outputs=y)
+        return g
+
+    def gram(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply ``AᵀA`` to a batch with one forward and one backward pass.
+
+        Args:
+            x: inputs of shape ``(B, *input_shape)``.
+
+        Returns:
+            tuple[Tensor, Tensor]: ``AᵀA x`` (input-shaped) and ``A x`` (output-shaped).
+
+        Example:
+            >>> lin = nn.Linear(3, 2)
+            >>> g, _ = ImplicitLinear(lin, (3,)).gram(torch.eye(3))
+            >>> torch.allclose(g, lin.weight.T @ lin.weight, atol=1e-6)
+            True
+        """
+        x = x.detach().to(self.device, self.dtype)
+        with torch.enable_grad():
+            x.requires_grad_(True)
+            y = self._call(x) - self._bias
+            (g,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
+        return g, y.detach()
+
+    def check_affine(self, atol: float = 1e-3, seed: int = 0) -> None:
+        """Probe that ``op`` is affine: additive and homogeneous around ``op(0)`` on random inputs.
+
+        The probes ``x, y, x + y, −2x`` run in one batch, so ops that mix the batch (BatchNorm with batch
+        statistics) fail as well.
+
+        Args:
+            atol: largest allowed defect, relative to the size of the outputs.
+            seed: seed of the random probes.
+
+        Raises:
+            ValueError: a probe failed; the message names it and the relative defect.
+
+        Example:
+            >>> ImplicitLinear(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), (3,), check_affine=False).check_affine()
+            Traceback (most recent call last):
+            ...
+            ValueError: op is not affine in its input: ...
+        """
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x, y = torch.randn((2, *self.input_shape), generator=gen, dtype=self.dtype).to(self.device)
+        with torch.no_grad():
+            out = self._call(torch.stack([x, y, x + y, -2 * x])) - self._bias
+        if not torch.isfinite(out).all():
+            raise ValueError("op returned non-finite values on random inputs; it cannot be analysed")
+        fx, fy, fxy, f2x = out
+        scale = max(fx.norm().item(), fy.norm().item(), 1e-30)
+        probes = {
+            "op(x+y) − op(0) = (op(x) − op(0)) + (op(y) − op(0))": (fxy - fx - fy).norm().item() / scale,
+            "op(−2x) − op(0) = −2 (op(x) − op(0))": (f2x + 2 * fx).norm().item() / scale,
+        }
+        for probe, defect in probes.items():
+            if not defect <= atol:
+                raise ValueError(
+                    f"op is not affine in its input: the probe {probe} failed on random x, y with relative "
+                    f"defect {defect:.3g} > {atol:g}. Spectra are defined for affine maps only (Linear, "
+                    f"convolutions, BatchNorm with running statistics, their compositions); a nonlinearity "
+                    f"such as ReLU makes the map non-affine. Pass check_affine=False to skip this check."
+                )
+
+    def __repr__(self) -> str:
+        name = type(self.op).__name__ if isinstance(self.op, nn.Module) else getattr(self.op, "__name__", "op")
+        return f"ImplicitLinear({name}, input_shape={self.input_shape}, output_shape={self.output_shape})"

@@ -1,0 +1,266 @@
+"""Top-k singular values and vectors of an implicitly linear layer.
+
+Two solvers, both driven only by applications of ``AᵀA`` (one forward and one backward pass through the
+layer per block of vectors):
+
+* ``"krylov"`` (the default): a block Krylov space built from the residuals of the current Ritz vectors,
+  with a Rayleigh–Ritz step after each expansion and thick restarts. In exact arithmetic the space is the
+  block Krylov space of ``AᵀA`` (block Lanczos); projecting every new block against the whole basis keeps it
+  orthogonal in finite precision. It stops when every wanted Ritz pair's residual is below ``tol``.
+* ``"power_qr"``: PowerQR as published (Ebrahimpour Boroojeny et al., 2024): ``X ← Q`` of
+  ``QR(X + AᵀA X)`` and ``σᵢ = √|Rᵢᵢ − 1|``, i.e. subspace iteration on the shifted matrix ``I + AᵀA``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_specclip.spectral.operator import ImplicitLinear, Op
+
+__all__ = ["METHODS", "Spectrum", "spectrum"]
+
+METHODS = ("auto", "krylov", "power_qr")
+
+
+@dataclass
+class Spectrum:
+    """The top-k singular triplets of a linear map ``A`` found by :func:`spectrum`.
+
+    Attributes:
+        values: ``(k,)`` singular values, descending.
+        right: ``(k, *input_shape)`` unit right singular vectors (``right[i]`` goes with ``values[i]``).
+        left: ``(k, *output_shape)`` unit left singular vectors ``A vᵢ / σᵢ`` (zero where ``σᵢ = 0``).
+        matvecs: applications of ``AᵀA`` to one vector that were spent (a block of b counts b).
+        iters: iterations (blocks) run.
+        converged: whether every residual reached the tolerance (``False`` when ``max_iters`` ran out).
+        residuals: ``(k,)`` ``‖AᵀA vᵢ − σᵢ² vᵢ‖ / σ₁²`` of the returned vectors.
+        method: the solver that ran.
+    """
+
+    values: Tensor
+    right: Tensor
+    left: Tensor
+    matvecs: int
+    iters: int
+    converged: bool
+    residuals: Tensor = field(repr=False)
+    method: str = "krylov"
+
+    @property
+    def sigma(self) -> float:
+        """The largest singular value (the spectral norm), as a float."""
+        return float(self.values[0])
+
+
+def _orthonormalize(p: Tensor, basis: Tensor | None, drop: float) -> Tensor:
+    """Columns of ``p`` projected off ``basis`` (twice), orthonormalized; near-dependent columns dropped."""
+    for _ in range(2):
+        if basis is not None and basis.shape[1] > 0:
+            p = p - basis @ (basis.T @ p)
+    norms = p.norm(dim=0)
+    p = p[:, norms > drop * norms.max().clamp_min(1e-300)] if p.shape[1] else p
+    if p.shape[1] == 0:
+        return p
+    q, r = torch.linalg.qr(p)
+    keep = r.diagonal().abs() > drop * r.diagonal().abs().max().clamp_min(1e-300)
+    q = q[:, keep]
+    if basis is not None and basis.shape[1] > 0 and q.shape[1] > 0:
+        q = q - basis @ (basis.T @ q)
+        q, _ = torch.linalg.qr(q)
+    return q
+
+
+def _random(A: ImplicitLinear, k: int, seed: int) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn((A.in_features, k), generator=gen, dtype=A.dtype).to(A.device)
+
+
+def _init_block(A: ImplicitLinear, k: int, init: Tensor | None, seed: int) -> Tensor:
+    """``(n, k)`` starting block: the given vectors (if any), topped up with seeded random ones."""
+    cols = []
+    if init is not None:
+        init = init.detach().to(A.device, A.dtype).reshape(-1, A.in_features)
+        if not torch.isfinite(init).all():
+            raise ValueError("init contains non-finite values")
+        cols.append(init.T)
+    have = sum(c.shape[1] for c in cols)
+    if have < k:
+        cols.append(_random(A, k - have, seed))
+    return torch.cat(cols, dim=1)
+
+
+def _krylov(
+    A: ImplicitLinear, k: int, init: Tensor | None, tol: float, max_iters: int, block: int, basis_size: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
+    n = A.in_features
+    drop = 1e3 * torch.finfo(A.dtype).eps
+    basis_size = min(basis_size, n)
+    block = min(block, n)
+    keep = min(max(k + block, basis_size // 2), basis_size - block) if basis_size > k + block else k
+    V = torch.zeros((n, 0), dtype=A.dtype, device=A.device)
+    AV = torch.zeros_like(V)
+    P = _orthonormalize(_init_block(A, block, init, seed), None, drop)
+    matvecs = iters = 0
+    converged = False
+    theta = torch.zeros(0, dtype=torch.float64)
+    S = torch.zeros((0, 0), dtype=A.dtype, device=A.device)
+    res = torch.full((k,), math.inf, dtype=A.dtype)
+    while iters < max_iters:
+        if P.shape[1] == 0:  # the basis spans an invariant subspace: Ritz pairs are exact
+            converged = V.shape[1] >= k
+            break
+        if V.shape[1] + P.shape[1] > basis_size:  # thick restart on the best Ritz vectors
+            V, AV = V @ S[:, :keep], AV @ S[:, :keep]
+        G, _ = A.gram(P.T.reshape(-1, *A.input_shape))
+        matvecs += P.shape[1]
+        iters += 1
+        V = torch.cat([V, P], dim=1)
+        AV = torch.cat([AV, G.reshape(P.shape[1], n).T], dim=1)
+        H = (V.T @ AV).double().cpu()
+        theta, S64 = torch.linalg.eigh((H + H.T) / 2)
+        theta, S64 = theta.flip(0), S64.flip(1)
+        S = S64.to(A.device, A.dtype)
+        m = min(max(k, block), V.shape[1])
+        R = AV @ S[:, :m] - V @ (S[:, :m] * theta[:m].to(A.device, A.dtype))
+        rnorm = R.norm(dim=0).cpu()
+        scale = max(float(theta[0]), 1e-300)
+        res = rnorm[:k] / scale
+        if V.shape[1] >= k and bool((res <= tol).all()):
+            converged = True
+            break
+        P = _orthonormalize(R[:, :block], V, drop)
+    m = min(k, V.shape[1])
+    vecs = (V @ S[:, :m]).T
+    return theta[:m].clamp_min(0).sqrt(), vecs, res[:m], matvecs, iters, converged
+
+
+def _power_qr(
+    A: ImplicitLinear, k: int, init: Tensor | None, tol: float, max_iters: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
+    X, _ = torch.linalg.qr(_init_block(A, k, init, seed)[:, :k])
+    values = torch.full((k,), math.inf, dtype=torch.float64)
+    matvecs = iters = 0
+    converged = False
+    while iters < max_iters:
+        G, _ = A.gram(X.T.reshape(k, *A.input_shape))
+        matvecs += k
+        iters += 1
+        X, R = torch.linalg.qr(X + G.reshape(k, -1).T)
+        new = (R.diagonal().double().cpu() - 1).abs().sqrt()
+        change = ((new - values).abs() / new[0].clamp_min(1e-300)).max()
+        values = new
+        if change <= tol:
+            converged = True
+            break
+    # QR leaves the columns in the order the iteration found them; report them descending.
+    order = torch.argsort(values, descending=True)
+    values, X = values[order], X[:, order.to(X.device)]
+    res = torch.full((k,), math.nan, dtype=torch.float64)
+    return values, X.T, res, matvecs, iters, converged
+
+
+def spectrum(
+    op: Op | ImplicitLinear,
+    input_shape: Sequence[int] | None = None,
+    k: int = 1,
+    *,
+    method: str = "auto",
+    init: Tensor | None = None,
+    tol: float = 1e-5,
+    max_iters: int | None = None,
+    dtype: torch.dtype | None = None,
+    block_size: int | None = None,
+    basis_size: int | None = None,
+    check_affine: bool = True,
+    seed: int = 0,
+) -> Spectrum:
+    """Compute the ``k`` largest singular values and vectors of the linear map ``x ↦ op(x) − op(0)``.
+
+    ``op`` is only ever run (forward and backward), never turned into a matrix, so this is exact for
+    convolutions of every padding mode, stride, dilation and grouping, transposed convolutions, BatchNorm
+    (with its running statistics), conv followed by BatchNorm, and any other map that is affine in its
+    input. The module is left untouched: no parameter, buffer, ``.grad`` or mode changes.
+
+    Args:
+        op: an ``nn.Module`` or a callable on batches ``(B, *input_shape)``, or an :class:`ImplicitLinear`.
+        input_shape: the shape of one input without the batch dimension, e.g. ``(C, H, W)``; the spectrum
+            of a convolution depends on it. Not needed when ``op`` is an :class:`ImplicitLinear`.
+        k: how many singular values to return (``1 ≤ k < dim``, where ``dim`` is the input size).
+        method: ``"auto"`` or ``"krylov"`` (block Krylov with Rayleigh–Ritz, the default), or
+            ``"power_qr"`` (the published PowerQR, for comparison).
+        init: warm start, e.g. ``previous.right``: ``(j, *input_shape)`` vectors, ``j ≤ block size``; the
+            rest of the starting block is random.
+        tol: stopping tolerance. Krylov: every returned pair has ``‖AᵀA v − σ² v‖ ≤ tol·σ₁²`` (the squared
+            singular values are then within ``tol·σ₁²`` of true ones, so ``σ₁`` is accurate to about
+            ``tol/2`` relative, usually far better). PowerQR: the largest relative change of a value over
+            one iteration.
+        max_iters: most iterations (blocks of ``AᵀA`` applications); default 1000 for Krylov, 10000 for
+            PowerQR.
+        dtype: compute dtype (float32 by default, float64 when the module holds float64 tensors).
+        block_size: vectors per ``AᵀA`` application for Krylov (default ``k``).
+        basis_size: largest Krylov basis before a thick restart (default ``max(48, 4·block + 2k)``).
+        check_affine: refuse a non-affine ``op`` (see :meth:`ImplicitLinear.check_affine`).
+        seed: seed of the random starting vectors (the result is deterministic for a given seed).
+
+    Returns:
+        Spectrum: values, right and left singular vectors, the work spent and whether it converged.
+
+    Raises:
+        ValueError: unknown ``method``; ``k`` not in ``[1, dim)``; a bad ``input_shape`` or ``init``; ``tol``
+            or ``max_iters`` not positive; ``op`` not affine (see :class:`ImplicitLinear`).
+
+    Example:
+        >>> conv = torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        >>> s = spectrum(conv, (3, 16, 16), k=2)
+        >>> s.values.shape, s.right.shape, s.converged
+        (torch.Size([2]), torch.Size([2, 3, 16, 16]), True)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if not (isinstance(tol, float | int) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if max_iters is not None and max_iters < 1:
+        raise ValueError(f"max_iters must be at least 1, got {max_iters}")
+    if isinstance(op, ImplicitLinear):
+        A = op
+    else:
+        if input_shape is None:
+            raise ValueError("input_shape is required (the shape of one input, without the batch dimension)")
+        A = ImplicitLinear(op, input_shape, dtype=dtype, check_affine=check_affine)
+    if not (isinstance(k, int) and 1 <= k < A.in_features):
+        raise ValueError(f"k must be an integer with 1 <= k < {A.in_features} (the input dimension), got {k!r}")
+    block = block_size or k
+    if init is not None and init.numel() % A.in_features != 0:
+        raise ValueError(
+            f"init must have shape (j, {', '.join(map(str, A.input_shape))}); got {tuple(init.shape)}"
+        )
+    if init is not None and init.numel() // A.in_features > max(block, k):
+        raise ValueError(f"init holds {init.numel() // A.in_features} vectors; at most {max(block, k)} are used")
+    if method == "power_qr":
+        values, vecs, res, matvecs, iters, converged = _power_qr(A, k, init, tol, max_iters or 10000, seed)
+    else:
+        basis = basis_size or max(48, 4 * block + 2 * k)
+        if basis < k + block:
+            raise ValueError(f"basis_size must be at least k + block_size = {k + block}, got {basis}")
+        values, vecs, res, matvecs, iters, converged = _krylov(
+            A, k, init, tol, max_iters or 1000, block, basis, seed
+        )
+    right = vecs.reshape(-1, *A.input_shape)
+    left = A.matvec(right)
+    values = values.to(A.dtype).to(A.device)
+    left = left / values.clamp_min(torch.finfo(A.dtype).tiny).view(-1, *([1] * len(A.output_shape)))
+    return Spectrum(
+        values=values,
+        right=right,
+        left=left,
+        matvecs=matvecs,
+        iters=iters,
+        converged=converged,
+        residuals=res.to(torch.float64),
+        method="power_qr" if method == "power_qr" else "krylov",
+    )
