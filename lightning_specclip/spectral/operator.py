@@ -9,7 +9,7 @@ convolution depends on the input size, padding and stride, so the shape is part 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -82,6 +82,8 @@ class ImplicitLinear:
         device: where to compute; default the module's device (CPU for a plain callable).
         check_affine: probe that ``op`` is affine in its input and refuse it otherwise.
         atol: relative tolerance of the affinity probe.
+        overrides: tensors used in place of the module's parameters or buffers of the same names (for
+            example a float32 working copy of a weight that is being edited); used as given, not copied.
 
     Raises:
         ValueError: ``input_shape`` is empty or not positive, ``op`` cannot take inputs of that shape,
@@ -107,6 +109,7 @@ class ImplicitLinear:
         device: torch.device | str | None = None,
         check_affine: bool = True,
         atol: float = 1e-3,
+        overrides: Mapping[str, Tensor] | None = None,
     ) -> None:
         if not callable(op):
             raise TypeError(f"op must be an nn.Module or a callable, got {type(op).__name__}")
@@ -127,6 +130,12 @@ class ImplicitLinear:
                 name: (t.detach().to(self.dtype) if t.is_floating_point() else t)
                 for name, t in (*op.named_parameters(), *op.named_buffers())
             }
+            for name, t in (overrides or {}).items():
+                if name not in self._tensors:
+                    raise ValueError(f"overrides names {name!r}, which is not a parameter or buffer of op")
+                self._tensors[name] = t
+        elif overrides:
+            raise ValueError("overrides need op to be an nn.Module")
         try:
             with torch.no_grad():
                 self._bias = self._call(self.zeros(1))

@@ -1,0 +1,1 @@
+"""Clipping methods: one strategy object per method, one interface (see :mod:`.base`)."""
