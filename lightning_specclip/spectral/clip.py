@@ -208,9 +208,7 @@ def _clip_dense(layer: nn.Linear, bn: _BatchNorm | None, target: float, mode: st
     return ClipResult(before, after, target, 0, _within(after, target, mode, tol))
 
 
-def _cgls(
-    module: nn.Module, tensors: dict[str, Tensor], param: str, right: Tensor, rhs: Tensor, iters: int
-) -> Tensor:
+def _cgls(module: nn.Module, tensors: dict[str, Tensor], param: str, right: Tensor, rhs: Tensor, iters: int) -> Tensor:
     """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS."""
     zero_input = torch.zeros_like(right[:1])
 
@@ -371,6 +369,4 @@ def clip_spectral_norm_(
             f"on the input size (pass the shape of one input without the batch dimension, e.g. (C, H, W))"
         )
     init = spectrum.right if spectrum is not None else None
-    return _clip_iterative(
-        module, param, target, input_shape, mode, init, tol, max_rounds, block_size, cg_iters, seed
-    )
+    return _clip_iterative(module, param, target, input_shape, mode, init, tol, max_rounds, block_size, cg_iters, seed)

@@ -40,9 +40,7 @@ def _as_operator(op: Op | ImplicitLinear, input_shape: Sequence[int] | None) -> 
     return ImplicitLinear(op, input_shape, dtype=torch.float64, check_affine=False)
 
 
-def dense_matrix(
-    op: Op | ImplicitLinear, input_shape: Sequence[int] | None = None, *, chunk: int = 1024
-) -> Tensor:
+def dense_matrix(op: Op | ImplicitLinear, input_shape: Sequence[int] | None = None, *, chunk: int = 1024) -> Tensor:
     """Form the matrix of ``x ↦ op(x) − op(0)`` on inputs of ``input_shape`` (float64 unless an operator).
 
     Args:
@@ -115,8 +113,7 @@ def _conv_geometry(
     if not isinstance(weight, Tensor) or weight.dim() < 3:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(
-            f"weight must be a convolution kernel (c_out, c_in / groups, k_1, ..., k_d) with d >= 1, "
-            f"got {shape}"
+            f"weight must be a convolution kernel (c_out, c_in / groups, k_1, ..., k_d) with d >= 1, got {shape}"
         )
     d = weight.dim() - 2
     n = _ints(input_size, d, "input_size")
@@ -131,8 +128,7 @@ def _conv_geometry(
         raise ValueError(f"groups={groups} does not divide c_out={weight.shape[0]}")
     if any(nj % sj for nj, sj in zip(n, s, strict=True)):
         raise ValueError(
-            f"the stride must divide the input size for the circular block structure, got input_size={n}, "
-            f"stride={s}"
+            f"the stride must divide the input size for the circular block structure, got input_size={n}, stride={s}"
         )
     return d, n, s, dil
 
@@ -372,8 +368,6 @@ def lanczos_singular_values(
         rmatmat=lambda y: _apply(y, True),
     )
     v0 = np.random.default_rng(seed).standard_normal(small).astype(np_dtype)
-    values = svds(
-        lin, k=k, tol=tol, v0=v0, maxiter=maxiter, ncv=ncv, solver="arpack", return_singular_vectors=False
-    )
+    values = svds(lin, k=k, tol=tol, v0=v0, maxiter=maxiter, ncv=ncv, solver="arpack", return_singular_vectors=False)
     values = torch.from_numpy(np.sort(np.asarray(values, dtype=np_dtype))[::-1].copy())
     return LanczosResult(values=values, matvecs=counts["matvecs"], rmatvecs=counts["rmatvecs"])

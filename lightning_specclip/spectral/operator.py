@@ -141,8 +141,7 @@ class ImplicitLinear:
                 self._bias = self._call(self.zeros(1))
         except (RuntimeError, ValueError, IndexError) as err:
             raise ValueError(
-                f"op cannot take inputs of shape (batch, {', '.join(map(str, shape))}) "
-                f"(input_shape={shape}): {err}"
+                f"op cannot take inputs of shape (batch, {', '.join(map(str, shape))}) (input_shape={shape}): {err}"
             ) from err
         self.output_shape: tuple[int, ...] = tuple(self._bias.shape[1:])
         self.out_features = math.prod(self.output_shape)

@@ -236,9 +236,7 @@ def spectrum(
         raise ValueError(f"k must be an integer with 1 <= k < {A.in_features} (the input dimension), got {k!r}")
     block = block_size or k
     if init is not None and init.numel() % A.in_features != 0:
-        raise ValueError(
-            f"init must have shape (j, {', '.join(map(str, A.input_shape))}); got {tuple(init.shape)}"
-        )
+        raise ValueError(f"init must have shape (j, {', '.join(map(str, A.input_shape))}); got {tuple(init.shape)}")
     if init is not None and init.numel() // A.in_features > max(block, k):
         raise ValueError(f"init holds {init.numel() // A.in_features} vectors; at most {max(block, k)} are used")
     if method == "power_qr":
@@ -247,9 +245,7 @@ def spectrum(
         basis = basis_size or max(48, 4 * block + 2 * k)
         if basis < k + block:
             raise ValueError(f"basis_size must be at least k + block_size = {k + block}, got {basis}")
-        values, vecs, res, matvecs, iters, converged = _krylov(
-            A, k, init, tol, max_iters or 1000, block, basis, seed
-        )
+        values, vecs, res, matvecs, iters, converged = _krylov(A, k, init, tol, max_iters or 1000, block, basis, seed)
     right = vecs.reshape(-1, *A.input_shape)
     left = A.matvec(right)
     values = values.to(A.dtype).to(A.device)
