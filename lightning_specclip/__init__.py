@@ -1,6 +1,22 @@
-"""lightning_specclip: measure and clip the singular values of implicitly linear layers."""
+"""lightning_specclip: measure and clip the singular values of implicitly linear layers.
 
+The core (:func:`spectrum`, :func:`clip_spectral_norm_`, :mod:`lightning_specclip.spectral.exact`) is pure
+PyTorch; :class:`SpectralClipCallback` brings it to a Lightning ``Trainer``.
+"""
+
+from lightning_specclip.callback import SpectralClipCallback
+from lightning_specclip.methods import METHODS, ClipMethod
 from lightning_specclip.spectral import ImplicitLinear, Spectrum, spectrum
+from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
 
-__all__ = ["ImplicitLinear", "Spectrum", "spectrum"]
+__all__ = [
+    "METHODS",
+    "ClipMethod",
+    "ClipResult",
+    "ImplicitLinear",
+    "SpectralClipCallback",
+    "Spectrum",
+    "clip_spectral_norm_",
+    "spectrum",
+]
 __version__ = "0.1.0"

@@ -301,7 +301,7 @@ def clip_spectral_norm_(
     input_shape: Sequence[int] | None = None,
     *,
     mode: str = "clip",
-    spectrum: Spectrum | None = None,
+    spectrum: Spectrum | Tensor | None = None,
     tol: float = 1e-2,
     max_rounds: int = 6,
     block_size: int = 8,
@@ -330,8 +330,8 @@ def clip_spectral_norm_(
             spectrum depends on it; ignored for dense layers and BatchNorm).
         mode: ``"clip"`` lowers a norm above ``target`` to it and leaves a smaller one alone; ``"set"``
             makes the norm equal to ``target`` from either side.
-        spectrum: top singular vectors from :func:`~lightning_specclip.spectrum` (or a previous result's
-            ``.spectrum``) to warm-start from.
+        spectrum: a :class:`~lightning_specclip.Spectrum` (or just its ``.right`` vectors, ``(j, *input_shape)``)
+            from :func:`~lightning_specclip.spectrum` or a previous result, to warm-start from.
         tol: relative tolerance on the final norm.
         max_rounds: least-squares rounds before the exact-scaling fallback.
         block_size: singular vectors handled per round.
@@ -368,5 +368,5 @@ def clip_spectral_norm_(
             f"input_shape is required to clip {type(module).__name__}: the spectrum of a convolution depends "
             f"on the input size (pass the shape of one input without the batch dimension, e.g. (C, H, W))"
         )
-    init = spectrum.right if spectrum is not None else None
+    init = spectrum.right if isinstance(spectrum, Spectrum) else spectrum
     return _clip_iterative(module, param, target, input_shape, mode, init, tol, max_rounds, block_size, cg_iters, seed)

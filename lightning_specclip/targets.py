@@ -1,0 +1,197 @@
+"""Which modules of a model the callback acts on: selection, conv→BatchNorm pairs, input shapes."""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = [
+    "DEFAULT_TYPES",
+    "Target",
+    "InputShapeRecorder",
+    "find_conv_bn_pairs",
+    "select_modules",
+]
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
+
+Selector = str | type[nn.Module]
+
+
+@dataclass
+class Target:
+    """One implicitly linear map the callback tracks and clips.
+
+    Attributes:
+        name: the layer's name in the model; ``"<conv>+<bn>"`` for a composition.
+        kind: ``"layer"`` (a Linear or convolution), ``"composition"`` (conv followed by BatchNorm, with the
+            BatchNorm's running statistics) or ``"batchnorm"``.
+        module: what is run to apply the map: the layer, a ``Sequential(conv, bn)`` sharing the model's
+            modules, or the BatchNorm.
+        layer: the module whose input defines ``input_shape`` (the conv of a composition).
+        input_shape: shape of one input without the batch dimension, once seen.
+    """
+
+    name: str
+    kind: str
+    module: nn.Module
+    layer: nn.Module
+    input_shape: tuple[int, ...] | None = None
+
+
+def _matches(name: str, module: nn.Module, selector: Selector) -> bool:
+    if isinstance(selector, str):
+        return fnmatch.fnmatchcase(name, selector)
+    return isinstance(module, selector)
+
+
+def select_modules(
+    model: nn.Module, modules: Sequence[Selector] | None = None, exclude: Sequence[Selector] = ()
+) -> list[tuple[str, nn.Module]]:
+    """Named submodules chosen by type and/or name glob, minus the excluded ones.
+
+    Args:
+        model: the model.
+        modules: module types and/or glob patterns on module names (``"layer1.*"``); default every
+            ``Linear``, ``Conv*d`` and ``ConvTranspose*d``.
+        exclude: types and/or patterns to leave out.
+
+    Returns:
+        list[tuple[str, nn.Module]]: the selected ``(name, module)`` pairs in model order.
+
+    Raises:
+        ValueError: a pattern (in ``modules`` or ``exclude``) matches no module name, or nothing is selected;
+            the message lists the available names.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+        >>> [name for name, _ in select_modules(model, exclude=["3"])]
+        ['0']
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    for group, selectors in (("modules", modules or ()), ("exclude", exclude)):
+        for s in selectors:
+            if isinstance(s, str) and not any(fnmatch.fnmatchcase(n, s) for n, _ in named):
+                raise ValueError(
+                    f"{group} pattern {s!r} matches no module of the model; available names: "
+                    f"{', '.join(n for n, _ in named)}"
+                )
+            if not isinstance(s, str) and not (isinstance(s, type) and issubclass(s, nn.Module)):
+                raise ValueError(f"{group} entries must be module types or name patterns (str), got {s!r}")
+    chosen = modules or DEFAULT_TYPES
+    selected = [
+        (n, m)
+        for n, m in named
+        if any(_matches(n, m, s) for s in chosen) and not any(_matches(n, m, s) for s in exclude)
+    ]
+    if not selected:
+        raise ValueError(
+            f"no module selected by modules={list(chosen)} exclude={list(exclude)}; available names: "
+            f"{', '.join(f'{n} ({type(m).__name__})' for n, m in named)}"
+        )
+    return selected
+
+
+def _pairs_by_order(model: nn.Module) -> list[tuple[str, str]]:
+    pairs, previous = [], None
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and previous is not None:
+            conv_name, conv = previous
+            if getattr(conv, "out_channels", None) == module.num_features:
+                pairs.append((conv_name, name))
+        if isinstance(module, _ConvNd):
+            previous = (name, module)
+        elif not isinstance(module, _BatchNorm) and len(list(module.children())) == 0:
+            previous = None
+    return pairs
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Find every convolution whose output feeds only a BatchNorm, by tracing the model with ``torch.fx``.
+
+    Falls back to module order (a BatchNorm registered right after a conv with matching channels) with a
+    warning when the model cannot be traced.
+
+    Args:
+        model: the model.
+
+    Returns:
+        list[tuple[str, str]]: ``(conv_name, bn_name)`` pairs.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> find_conv_bn_pairs(model)
+        [('0', '1')]
+    """
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: use the fallback
+        warnings.warn(
+            f"could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}); pairing "
+            f"each BatchNorm with the convolution registered just before it",
+            stacklevel=2,
+        )
+        return _pairs_by_order(model)
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
+            continue
+        source = node.args[0] if node.args else None
+        if (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules.get(source.target), _ConvNd)
+            and len(source.users) == 1
+        ):
+            pairs.append((str(source.target), str(node.target)))
+    return pairs
+
+
+class InputShapeRecorder:
+    """Record the per-sample input shape of modules on their forward calls, until :meth:`remove`.
+
+    Args:
+        modules: ``(name, module)`` pairs to watch.
+
+    Attributes:
+        shapes: ``name → input shape without the batch dimension`` of every module seen so far (the first
+            call of each wins).
+
+    Example:
+        >>> conv = nn.Conv2d(1, 2, 3)
+        >>> with InputShapeRecorder([("conv", conv)]) as recorder:
+        ...     _ = conv(torch.zeros(5, 1, 8, 8))
+        >>> recorder.shapes
+        {'conv': (1, 8, 8)}
+    """
+
+    def __init__(self, modules: Iterable[tuple[str, nn.Module]]) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in modules]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if name not in self.shapes and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+                self.shapes[name] = tuple(args[0].shape[1:])
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> InputShapeRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
