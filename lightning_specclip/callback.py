@@ -178,7 +178,7 @@ class SpectralClipCallback(Callback):
                     )
         for t in self.targets:
             self._states.setdefault(t.name, _State())
-        layers = {id(t.layer): (t.name, t.layer) for t in self.targets}
+        layers = {id(t.layer): (t.name.split("+")[0], t.layer) for t in self.targets}
         self._recorder = InputShapeRecorder(layers.values())
 
     def _resolve_targets(self, model: nn.Module) -> list[Target]:
@@ -235,6 +235,10 @@ class SpectralClipCallback(Callback):
             rank_zero_warn(f"SpectralClipCallback: layers {missing} did not run in the first training batch; skipped")
         self.targets = [t for t in self.targets if t.input_shape is not None]
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Count optimizer steps from where this fit starts (0, or the step a checkpoint restored)."""
+        self._last_step = trainer.global_step
+
     # ------------------------------------------------------------------ per step
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -285,8 +289,6 @@ class SpectralClipCallback(Callback):
             for t in self.targets:
                 self._track(t)
             self._clip_all(trainer)
-            for t in self.targets:
-                self._track(t)
         rank_zero_info(self.summary())
 
     # ------------------------------------------------------------------ work
