@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
+from lightning_specclip.methods.base import ClipMethod
 from lightning_specclip.spectral.exact import _conv_geometry, _ints, circular_frequency_matrices
+from lightning_specclip.targets import Target
 
-__all__ = ["PADDING_MODES", "gram_iteration_bound", "gram_regularizer"]
+__all__ = ["PADDING_MODES", "GramRegularizer", "gram_iteration_bound", "gram_regularizer"]
 
 PADDING_MODES = ("circular", "zeros")
 
@@ -190,3 +194,78 @@ def gram_regularizer(
         padding=padding,
     )
     return torch.relu(bound - target).square()
+
+
+class GramRegularizer(ClipMethod):
+    """Gram-iteration regularizer (Delattre et al. 2023) as a callback method: it never clips.
+
+    After every backward pass the callback adds ``weight · ∇ relu(bound − target)²`` to each layer's
+    gradient, where ``bound`` is :func:`gram_iteration_bound` of the layer (circular padding: the layer's
+    own norm; zero padding: a certified bound through a larger circular grid). Linear layers use their exact
+    spectral norm. Reflect/replicate padding and transposed convolutions are tracked only (no certified
+    bound here).
+
+    Args:
+        weight: the regularization strength.
+        n_iter: Gram iterations per bound.
+
+    Example:
+        >>> GramRegularizer(weight=0.1).name
+        'gram'
+    """
+
+    name: ClassVar[str] = "gram"
+
+    def __init__(self, weight: float = 1.0, n_iter: int = 6) -> None:
+        if not (math.isfinite(weight) and weight >= 0) or n_iter < 0:
+            raise ValueError(f"need weight >= 0 (finite) and n_iter >= 0; got {weight}, {n_iter}")
+        self.weight = weight
+        self.n_iter = n_iter
+
+    def supports(self, target: Target) -> bool:
+        """Linear layers and convolutions (not transposed) with zero or circular padding.
+
+        Args:
+            target: a target.
+
+        Returns:
+            bool: whether a penalty is defined for it (BatchNorm targets are clamped as by every method).
+        """
+        module = target.module
+        if target.kind == "batchnorm" or isinstance(module, nn.Linear):
+            return True
+        return (
+            target.kind == "layer"
+            and isinstance(module, _ConvNd)
+            and not module.transposed
+            and module.padding_mode in PADDING_MODES
+            and not isinstance(module.padding, str)
+        )
+
+    def penalty(self, target: Target, value: float) -> Tensor | None:
+        """``weight · relu(bound − value)²`` for a layer target, attached to its weight.
+
+        Args:
+            target: a layer target with its input shape.
+            value: the target spectral norm.
+
+        Returns:
+            Tensor | None: the penalty, or ``None`` for targets it does not regularize.
+        """
+        module = target.module
+        if target.kind != "layer" or not self.supports(target) or self.weight == 0:
+            return None
+        if isinstance(module, nn.Linear):
+            sigma = torch.linalg.matrix_norm(module.weight.float(), ord=2)
+            return self.weight * torch.relu(sigma - value) ** 2
+        return self.weight * gram_regularizer(
+            module.weight,
+            target.input_shape[1:],
+            value,
+            self.n_iter,
+            stride=module.stride,
+            dilation=module.dilation,
+            groups=module.groups,
+            padding_mode=module.padding_mode,
+            padding=module.padding,
+        )

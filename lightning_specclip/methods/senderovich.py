@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
+from lightning_specclip.methods.base import ClipMethod
+from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
 from lightning_specclip.spectral.exact import _conv_geometry, circular_frequency_matrices
+from lightning_specclip.targets import Target
 
-__all__ = ["senderovich_clip_"]
+__all__ = ["Senderovich", "senderovich_clip_"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _blocks_to_kernel(
-    blocks: Tensor, c_in_g: int, input_size: tuple[int, ...], stride: tuple[int, ...]
-) -> Tensor:
+def _blocks_to_kernel(blocks: Tensor, c_in_g: int, input_size: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
     """Invert the layout of :func:`circular_frequency_matrices`: blocks → real kernel on the full grid."""
     groups, *m, c_out_g, _ = blocks.shape
     d = len(m)
@@ -108,9 +111,7 @@ def senderovich_clip_(
         True
     """
     if not isinstance(conv, _CONVS):
-        raise TypeError(
-            f"senderovich_clip_ needs an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}"
-        )
+        raise TypeError(f"senderovich_clip_ needs an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}")
     try:
         target = float(target)
     except (TypeError, ValueError):
@@ -145,3 +146,50 @@ def senderovich_clip_(
             ).max()
         )
     return sigma_before, sigma_after
+
+
+class Senderovich(ClipMethod):
+    """FFT clipping (Sedghi et al. 2019; strided: Senderovich et al. 2022) as a callback method.
+
+    Convolutions (not transposed) are clipped with :func:`senderovich_clip_`: exact for the circular
+    surrogate, then projected back to the kernel support, so the layer usually ends above the target (and
+    other paddings are only approximated). ``Linear`` layers, whose "FFT" is the matrix itself, are clipped
+    exactly by SVD. Transposed convolutions and compositions are tracked only.
+
+    Example:
+        >>> Senderovich().name
+        'senderovich'
+    """
+
+    name: ClassVar[str] = "senderovich"
+
+    def supports(self, target: Target) -> bool:
+        """Convolutions (not transposed), Linear layers and BatchNorm.
+
+        Args:
+            target: a target.
+
+        Returns:
+            bool: whether it can be clipped.
+        """
+        module = target.module
+        if target.kind == "batchnorm" or isinstance(module, nn.Linear):
+            return True
+        return target.kind == "layer" and isinstance(module, _ConvNd) and not module.transposed
+
+    def clip_(self, target: Target, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
+        """Clip ``target`` in the Fourier domain (Linear: exact SVD).
+
+        Args:
+            target: a convolution or Linear target with its input shape.
+            value: the clip value.
+            state: unused.
+            init: unused.
+
+        Returns:
+            ClipResult: before/after as the FFT method computes them (the circular surrogate's).
+        """
+        if isinstance(target.module, nn.Linear):
+            return clip_spectral_norm_(target.module, value)
+        before, after = senderovich_clip_(target.module, value, target.input_shape[1:])
+        return ClipResult(before, after, value, 1, after <= value * 1.01)

@@ -1,0 +1,127 @@
+"""Train, test and attack one configuration; write metrics.json in the run directory.
+
+    python experiments/train.py                                  # digits, simple_conv, FastClip at 1.0
+    python experiments/train.py clip=gouk clip.target=0.5 bn=clipped model.batchnorm=true
+    python experiments/train.py -m clip=fastclip,gouk,miyato clip.target=0.5,1.0
+    python experiments/train.py experiment=resnet18_cifar10 trainer=gpu
+
+A run relaunched with the same output directory (``hydra.run.dir=<dir>``) resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_specclip import SpectralClipCallback
+from lightning_specclip.module import ImageClassifier
+from lightning_specclip.tracking import SpectralHistory, spectral_norms
+
+log = logging.getLogger(__name__)
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _attack_factories(cfg: DictConfig) -> dict[str, Any]:
+    return {name: (lambda model, c=c: instantiate(c, model=model)) for name, c in (cfg.get("attack") or {}).items()}
+
+
+def _last_checkpoint(directory: Path) -> str | None:
+    last = directory / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, test and attack the configured model; return (and write) the metrics.
+
+    Args:
+        cfg: the composed config (see ``conf/train.yaml``).
+
+    Returns:
+        dict[str, Any]: the content of ``metrics.json``.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    net = instantiate(cfg.model)
+    module = ImageClassifier(net, num_classes=cfg.data.num_classes, attacks=_attack_factories(cfg), **cfg.module)
+    clip: SpectralClipCallback = instantiate(cfg.clip)
+    history = SpectralHistory(every_n_steps=cfg.history_every_n_steps)
+    timer = EpochTimer()
+    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=[clip, history, timer, checkpoints], logger=loggers or False
+    )
+    resume = _last_checkpoint(output_dir / "checkpoints") if cfg.resume else None
+    if resume:
+        log.info("Resuming from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    metrics: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        example = next(iter(datamodule.test_dataloader()))[0][:1].to(module.device)
+        norms = spectral_norms(module, example)
+        metrics = {
+            "method": clip.method.name,
+            "target": None if clip.method.name == "none" else cfg.clip.target,
+            "bn_mode": cfg.bn_mode,
+            "model": cfg.model._target_.rsplit(".", 1)[-1],
+            "data": cfg.data._target_.rsplit(".", 1)[-1],
+            "seed": cfg.seed,
+            "test_acc": tested["test/acc"],
+            "robust_acc": {name: tested[f"test/robust_acc/{name}"] for name in module.attack_factories},
+            "spectral_norm": norms["layers"],
+            "spectral_norm_composition": norms["compositions"],
+            "spectral_norm_batchnorm": norms["batchnorms"],
+            "history": history.history,
+            "epoch_time_s": sum(timer.times) / len(timer.times) if timer.times else None,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.info("test_acc=%.4f robust_acc=%s", metrics["test_acc"], metrics["robust_acc"])
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the clean test accuracy (the value sweepers optimize).
+
+    Args:
+        cfg: the composed config.
+
+    Returns:
+        float | None: test accuracy on rank 0.
+    """
+    torch.set_float32_matmul_precision("high")
+    metrics = run(cfg)
+    log.info("Run directory: %s", HydraConfig.get().runtime.output_dir)
+    return metrics.get("test_acc")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Measure a whole model's spectral norms (ground truth), and record them over training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_specclip.spectral.clip import batchnorm_scale
+from lightning_specclip.spectral.exact import dense_singular_values, lanczos_singular_values
+from lightning_specclip.spectral.operator import eval_mode
+from lightning_specclip.spectral.spectrum import spectrum
+from lightning_specclip.targets import DEFAULT_TYPES, InputShapeRecorder, find_conv_bn_pairs, select_modules
+
+__all__ = ["SpectralHistory", "input_shapes", "spectral_norms"]
+
+#: Operators with at most this many inputs get a dense SVD; larger ones ARPACK.
+DENSE_LIMIT = 2048
+
+
+def input_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
+    """Per-sample input shape of every Linear/conv layer, from one forward pass in eval mode.
+
+    Args:
+        model: the model.
+        example: a batch the model accepts (one sample is enough).
+
+    Returns:
+        dict[str, tuple[int, ...]]: layer name → input shape without the batch dimension.
+
+    Example:
+        >>> input_shapes(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)), torch.zeros(1, 1, 8, 8))
+        {'0': (1, 8, 8), '2': (72,)}
+    """
+    layers = select_modules(model, list(DEFAULT_TYPES))
+    with InputShapeRecorder(layers) as recorder, eval_mode(model), torch.no_grad():
+        model(example)
+    return dict(recorder.shapes)
+
+
+def _ground_truth(module: nn.Module, shape: tuple[int, ...]) -> float:
+    if math.prod(shape) <= DENSE_LIMIT:
+        return float(dense_singular_values(module, shape)[0])
+    return float(lanczos_singular_values(module, shape, k=1, tol=1e-8).values[0])
+
+
+def spectral_norms(model: nn.Module, example: Tensor) -> dict[str, dict[str, float]]:
+    """Ground-truth spectral norms of every layer, conv∘BatchNorm composition and BatchNorm of a model.
+
+    Layers and compositions are measured as the linear maps they are on the inputs they receive for
+    ``example`` (dense SVD for small ones, ARPACK otherwise, in float64); BatchNorm by its largest
+    per-channel gain ``|γ|/√(var+ε)`` (running statistics).
+
+    Args:
+        model: the model.
+        example: a batch the model accepts.
+
+    Returns:
+        dict[str, dict[str, float]]: ``{"layers": …, "compositions": …, "batchnorms": …}``, each name → σ.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(72, 3))
+        >>> sorted(spectral_norms(model, torch.zeros(1, 1, 8, 8))["compositions"])
+        ['0+1']
+    """
+    shapes = input_shapes(model, example)
+    modules = dict(model.named_modules())
+    layers = {name: _ground_truth(modules[name], shape) for name, shape in shapes.items()}
+    compositions = {
+        f"{conv}+{bn}": _ground_truth(nn.Sequential(modules[conv], modules[bn]), shapes[conv])
+        for conv, bn in find_conv_bn_pairs(model)
+        if conv in shapes
+    }
+    batchnorms = {
+        name: float(batchnorm_scale(m).abs().max())
+        for name, m in modules.items()
+        if isinstance(m, _BatchNorm) and m.running_var is not None
+    }
+    return {"layers": layers, "compositions": compositions, "batchnorms": batchnorms}
+
+
+class SpectralHistory(Callback):
+    """Record the spectral norm of every layer, conv∘BN composition and BatchNorm every few optimizer steps.
+
+    The paper's BatchNorm figure (σ of a conv, its BN and their composition over training) is drawn from
+    this history. Values are computed with :func:`~lightning_specclip.spectrum` warm-started from the last
+    record, so they are accurate estimates, not the clipping methods' own.
+
+    Args:
+        every_n_steps: record every this many optimizer steps (and at step 0).
+        iters: Krylov iterations per record after the first.
+
+    Attributes:
+        history: ``{"step": [...], "sigma": {name: [...]}}``.
+
+    Example:
+        >>> SpectralHistory(every_n_steps=10).history
+        {'step': [], 'sigma': {}}
+    """
+
+    def __init__(self, every_n_steps: int = 10, iters: int = 20) -> None:
+        if every_n_steps < 1 or iters < 1:
+            raise ValueError(f"every_n_steps and iters must be >= 1, got {every_n_steps}, {iters}")
+        self.every_n_steps = every_n_steps
+        self.iters = iters
+        self.history: dict[str, Any] = {"step": [], "sigma": {}}
+        self._ops: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
+        self._batchnorms: dict[str, _BatchNorm] = {}
+        self._vectors: dict[str, Tensor] = {}
+        self._last = -1
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Find the layers and their input shapes on the first batch, and record step 0."""
+        if self._ops or self._batchnorms:
+            return
+        shapes = input_shapes(pl_module, batch[0][:1])
+        modules = dict(pl_module.named_modules())
+        self._ops = {name: (modules[name], shape) for name, shape in shapes.items()}
+        for conv, bn in find_conv_bn_pairs(pl_module):
+            if conv in shapes:
+                self._ops[f"{conv}+{bn}"] = (nn.Sequential(modules[conv], modules[bn]), shapes[conv])
+        self._batchnorms = {n: m for n, m in modules.items() if isinstance(m, _BatchNorm) and m.running_var is not None}
+        self._record(trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Record after every ``every_n_steps``-th optimizer step."""
+        step = trainer.global_step
+        if step != self._last and step % self.every_n_steps == 0:
+            self._record(step)
+
+    def _record(self, step: int) -> None:
+        self._last = step
+        self.history["step"].append(step)
+        sigma = self.history["sigma"]
+        for name, (module, shape) in self._ops.items():
+            init = self._vectors.get(name)
+            result = spectrum(
+                module, shape, init=init, max_iters=self.iters if init is not None else 200, check_affine=False
+            )
+            self._vectors[name] = result.right
+            sigma.setdefault(name, []).append(result.sigma)
+        for name, bn in self._batchnorms.items():
+            sigma.setdefault(name, []).append(float(batchnorm_scale(bn).abs().max()))
