@@ -1,0 +1,117 @@
+"""Hydra experiments end to end: every config composes and instantiates; train.py runs and resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import train  # noqa: E402
+
+CLIP_METHODS = ["fastclip", "gouk", "miyato", "senderovich", "gram", "none"]
+FAST = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1"]
+FAST += ["+trainer.limit_test_batches=2", "+trainer.enable_progress_bar=false", "logger=[]"]
+FAST += ["clip.every_n_steps=2", "clip.warmup_iters=20", "history_every_n_steps=1", "module.attack_batches=1"]
+
+
+def _compose(overrides: list[str], output_dir: Path, keep_hydra: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.work_dir = str(ROOT)
+        if not keep_hydra:  # what @hydra.main hands the task: no hydra node
+            del cfg["hydra"]
+    return cfg
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("clip", _group_options("clip"))
+@pytest.mark.parametrize("bn", _group_options("bn"))
+def test_clip_and_bn_configs_instantiate(clip, bn, tmp_path):
+    cfg = _compose([f"clip={clip}", f"bn={bn}"], tmp_path)
+    if bn == "composed" and clip not in ("fastclip", "none"):
+        with pytest.raises(Exception, match="cannot clip conv∘BatchNorm compositions"):
+            instantiate(cfg.clip)
+        return
+    callback = instantiate(cfg.clip)
+    assert callback.method.name == clip
+    assert callback.compose_batchnorm == (bn == "composed")
+    assert callback.clip_batchnorm == (bn == "clipped")
+    assert instantiate(cfg.model).training
+
+
+@pytest.mark.parametrize("experiment", _group_options("experiment"))
+def test_experiment_presets_compose_and_instantiate(experiment, tmp_path):
+    cfg = _compose([f"experiment={experiment}"], tmp_path)
+    model = instantiate(cfg.model)
+    callback = instantiate(cfg.clip)
+    assert callback.every_n_steps == cfg.clip.every_n_steps
+    assert model(torch.rand(2, *cfg.data.image_shape)).shape == (2, cfg.data.num_classes)
+    for name, attack_cfg in cfg.attack.items():
+        assert instantiate(attack_cfg, model=model) is not None, name
+
+
+def test_hparams_search_composes(tmp_path):
+    cfg = _compose(["hparams_search=clip_sweep"], tmp_path, keep_hydra=True)
+    assert "fastclip" in cfg.hydra.sweeper.params.clip
+
+
+def test_unknown_config_name_lists_options(tmp_path):
+    with pytest.raises(Exception, match="fastclip"):
+        _compose(["clip=magic"], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip", CLIP_METHODS)
+def test_one_epoch_per_method_writes_complete_metrics(clip, tmp_path):
+    cfg = _compose([*FAST, f"clip={clip}", "clip.target=1.0"], tmp_path)
+    train.run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    keys = {"method", "target", "bn_mode", "test_acc", "robust_acc", "spectral_norm", "history", "epoch_time_s"}
+    assert keys <= set(metrics) and "config" in metrics
+    assert metrics["method"] == clip
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert set(metrics["robust_acc"]) == {"fgsm", "pgd"}
+    assert all(0.0 <= v <= 1.0 for v in metrics["robust_acc"].values())
+    assert set(metrics["spectral_norm"]) == {"net.conv", "net.fc"}
+    assert metrics["epoch_time_s"] > 0
+    if clip == "fastclip":
+        assert all(s <= 1.0 * 1.02 for s in metrics["spectral_norm"].values())
+
+
+def test_fastclip_with_batchnorm_composition_and_resume(tmp_path):
+    overrides = [*FAST, "clip=fastclip", "bn=composed", "clip.target=0.8"]
+    train.run(_compose(overrides, tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["bn_mode"] == "bn_composed"
+    assert metrics["spectral_norm_composition"]["net.conv+net.bn"] <= 0.8 * 1.02
+    assert "net.conv+net.bn" in metrics["history"]["sigma"]
+    # Relaunched in the same directory with more epochs: it resumes from last.ckpt (epoch 1 is not redone).
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    resumed = train.run(_compose([*overrides, "trainer.max_epochs=2"], tmp_path))
+    assert resumed["history"]["step"][0] == 3  # the first recorded step is where the checkpoint left off
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_processes(tmp_path):
+    cfg = _compose([*FAST, "trainer=ddp_sim"], tmp_path)
+    metrics = train.run(cfg)
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert all(s <= 1.02 for s in metrics["spectral_norm"].values())
