@@ -303,18 +303,20 @@ class SpectralClipCallback(Callback):
             return
         k = min(self.k, math.prod(target.input_shape) - 1)
         warm = state.right is not None and state.right.shape[1:] == target.input_shape
-        # A Krylov iteration's Rayleigh–Ritz step on the warm start alone only re-measures it: one more
-        # expansion is what improves the vectors.
-        iters = self.iters_per_step + 1 if warm else self.warmup_iters
-        result = spectrum(
-            target.module,
-            target.input_shape,
-            k=k,
-            init=state.right if warm else None,
-            max_iters=iters,
-            tol=1e-12 if warm else 1e-5,
-            check_affine=not warm,
-        )
+        if warm:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
+            result = spectrum(
+                target.module,
+                target.input_shape,
+                k=k,
+                method="subspace",
+                init=state.right,
+                max_iters=self.iters_per_step,
+                tol=1e-12,
+                check_affine=False,
+                left=False,
+            )
+        else:  # warm-up: Krylov until converged or warmup_iters
+            result = spectrum(target.module, target.input_shape, k=k, max_iters=self.warmup_iters, tol=1e-5, left=False)
         state.right, state.values = result.right, result.values
         self.method.step(target, state.method)
 

@@ -92,7 +92,7 @@ class SpectralHistory(Callback):
     record, so they are accurate estimates, not the clipping methods' own.
 
     Args:
-        every_n_steps: record every this many optimizer steps (and at step 0).
+        every_n_steps: record every this many optimizer steps (and at step 0, and when training ends).
         iters: Krylov iterations per record after the first.
 
     Attributes:
@@ -136,6 +136,11 @@ class SpectralHistory(Callback):
         step = trainer.global_step
         if step != self._last and step % self.every_n_steps == 0:
             self._record(step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the final weights too (after a clip at the end of training, when that callback runs first)."""
+        if self._ops or self._batchnorms:
+            self._record(trainer.global_step)
 
     def _record(self, step: int) -> None:
         self._last = step

@@ -263,10 +263,11 @@ def _clip_iterative(
     if init is not None:
         init = init.reshape(-1, *A.input_shape)[:block]
 
-    def measure(start: Tensor | None, round_seed: int, k: int = block, tol_: float = 1e-4) -> Spectrum:
-        return spectrum(A, k=k, init=start, block_size=k + extra, tol=tol_, seed=round_seed)
+    def measure(start: Tensor | None, round_seed: int, k: int, tol_: float, extra_: int) -> Spectrum:
+        return spectrum(A, k=k, init=start, block_size=k + extra_, tol=tol_, seed=round_seed)
 
-    current = measure(init, seed)
+    # σ to within tol/8 relative while iterating, tol/20 for the final check (see `spectrum`'s tol).
+    current = measure(init, seed, block, tol / 4, extra)
     before = current.sigma
     if mode == "set" and before == 0.0:
         raise ValueError("the layer's linear map is zero: its spectral norm cannot be set")
@@ -281,17 +282,17 @@ def _clip_iterative(
             raise RuntimeError("the least-squares step produced non-finite values; the module was left unchanged")
         work.add_(delta)
         rounds += 1
-        current = measure(current.right, seed + rounds)
-    # A cold start (fresh random vectors) for the final measurement: warm starts can miss a new top.
-    final = measure(current.right[:1], seed + rounds + 1, k=1, tol_=1e-6)
+        current = measure(current.right, seed + rounds, block, tol / 4, 0)
+    # Random vectors beside the warm start for the final measurement: warm starts can miss a new top.
+    final = measure(current.right[:1], seed + rounds + 1, 1, tol / 10, extra)
     sigma = max(final.sigma, current.sigma)
     rescaled = not _within(sigma, target, mode, tol / 4)
     if rescaled:
         work.mul_(target / sigma)
-        final = measure(final.right, seed + rounds + 2, k=1, tol_=1e-6)
+        final = measure(final.right, seed + rounds + 2, 1, tol / 10, 0)
     _write(weight, work)
     if weight.dtype != dtype:  # rounding to the module's dtype moves the norm a little: measure that
-        final = spectrum(module, input_shape, k=1, init=final.right, block_size=1 + extra, tol=1e-6, seed=seed)
+        final = spectrum(module, input_shape, k=1, init=final.right, tol=tol / 10, seed=seed)
     return ClipResult(before, final.sigma, target, rounds, _within(final.sigma, target, mode, tol), rescaled, final)
 
 

@@ -9,6 +9,9 @@ layer per block of vectors):
   orthogonal in finite precision. It stops when every wanted Ritz pair's residual is below ``tol``.
 * ``"power_qr"``: PowerQR as published (Ebrahimpour Boroojeny et al., 2024): ``X ← Q`` of
   ``QR(X + AᵀA X)`` and ``σᵢ = √|Rᵢᵢ − 1|``, i.e. subspace iteration on the shifted matrix ``I + AᵀA``.
+* ``"subspace"``: subspace iteration without shift, with a Rayleigh–Ritz step: one ``AᵀA`` block per
+  iteration gives the Ritz values of the current vectors and the next, better vectors. This is the cheap
+  warm-started update used once per training step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from lightning_specclip.spectral.operator import ImplicitLinear, Op
 
 __all__ = ["METHODS", "Spectrum", "spectrum"]
 
-METHODS = ("auto", "krylov", "power_qr")
+METHODS = ("auto", "krylov", "power_qr", "subspace")
 
 
 @dataclass
@@ -34,7 +37,8 @@ class Spectrum:
     Attributes:
         values: ``(k,)`` singular values, descending.
         right: ``(k, *input_shape)`` unit right singular vectors (``right[i]`` goes with ``values[i]``).
-        left: ``(k, *output_shape)`` unit left singular vectors ``A vᵢ / σᵢ`` (zero where ``σᵢ = 0``).
+        left: ``(k, *output_shape)`` unit left singular vectors ``A vᵢ / σᵢ`` (zero where ``σᵢ = 0``), or ``None``
+            when not asked for.
         matvecs: applications of ``AᵀA`` to one vector that were spent (a block of b counts b).
         iters: iterations (blocks) run.
         converged: whether every residual reached the tolerance (``False`` when ``max_iters`` ran out).
@@ -44,7 +48,7 @@ class Spectrum:
 
     values: Tensor
     right: Tensor
-    left: Tensor
+    left: Tensor | None
     matvecs: int
     iters: int
     converged: bool
@@ -64,8 +68,8 @@ def _orthonormalize(p: Tensor, basis: Tensor | None, drop: float) -> Tensor:
             p = p - basis @ (basis.T @ p)
     norms = p.norm(dim=0)
     p = p[:, norms > drop * norms.max().clamp_min(1e-300)] if p.shape[1] else p
-    if p.shape[1] == 0:
-        return p
+    if p.shape[1] <= 1:  # one column: a normalization is its QR
+        return p / p.norm(dim=0).clamp_min(1e-300)
     q, r = torch.linalg.qr(p)
     keep = r.diagonal().abs() > drop * r.diagonal().abs().max().clamp_min(1e-300)
     q = q[:, keep]
@@ -102,41 +106,50 @@ def _krylov(
     basis_size = min(basis_size, n)
     block = min(block, n)
     keep = min(max(k + block, basis_size // 2), basis_size - block) if basis_size > k + block else k
-    V = torch.zeros((n, 0), dtype=A.dtype, device=A.device)
-    AV = torch.zeros_like(V)
+    # The basis V, AᵀA V and the projected matrix H = Vᵀ AᵀA V live in preallocated buffers; m columns are used.
+    V = torch.empty((n, basis_size), dtype=A.dtype, device=A.device)
+    AV = torch.empty_like(V)
+    H = torch.zeros((basis_size, basis_size), dtype=torch.float64)
+    m = 0
     P = _orthonormalize(_init_block(A, block, init, seed), None, drop)
     matvecs = iters = 0
     converged = False
     theta = torch.zeros(0, dtype=torch.float64)
     S = torch.zeros((0, 0), dtype=A.dtype, device=A.device)
-    res = torch.full((k,), math.inf, dtype=A.dtype)
+    res = torch.full((k,), math.inf, dtype=torch.float64)
     while iters < max_iters:
-        if P.shape[1] == 0:  # the basis spans an invariant subspace: Ritz pairs are exact
-            converged = V.shape[1] >= k
+        p = P.shape[1]
+        if p == 0:  # the basis spans an invariant subspace: Ritz pairs are exact
+            converged = m >= k
             break
-        if V.shape[1] + P.shape[1] > basis_size:  # thick restart on the best Ritz vectors
-            V, AV = V @ S[:, :keep], AV @ S[:, :keep]
+        if m + p > basis_size:  # thick restart on the best Ritz vectors: H becomes diagonal
+            V[:, :keep] = V[:, :m] @ S[:, :keep]
+            AV[:, :keep] = AV[:, :m] @ S[:, :keep]
+            H.zero_()
+            H[:keep, :keep] = torch.diag(theta[:keep])
+            m = keep
         G, _ = A.gram(P.T.reshape(-1, *A.input_shape))
-        matvecs += P.shape[1]
+        matvecs += p
         iters += 1
-        V = torch.cat([V, P], dim=1)
-        AV = torch.cat([AV, G.reshape(P.shape[1], n).T], dim=1)
-        H = (V.T @ AV).double().cpu()
-        theta, S64 = torch.linalg.eigh((H + H.T) / 2)
+        V[:, m : m + p] = P
+        AV[:, m : m + p] = G.reshape(p, n).T
+        column = (V[:, : m + p].T @ AV[:, m : m + p]).double().cpu()
+        H[: m + p, m : m + p] = column
+        H[m : m + p, : m + p] = column.T
+        m += p
+        theta, S64 = torch.linalg.eigh((H[:m, :m] + H[:m, :m].T) / 2)
         theta, S64 = theta.flip(0), S64.flip(1)
         S = S64.to(A.device, A.dtype)
-        m = min(max(k, block), V.shape[1])
-        R = AV @ S[:, :m] - V @ (S[:, :m] * theta[:m].to(A.device, A.dtype))
-        rnorm = R.norm(dim=0).cpu()
-        scale = max(float(theta[0]), 1e-300)
-        res = rnorm[:k] / scale
-        if V.shape[1] >= k and bool((res <= tol).all()):
+        w = min(max(k, block), m)
+        R = AV[:, :m] @ S[:, :w] - V[:, :m] @ (S[:, :w] * theta[:w].to(A.device, A.dtype))
+        res = R.norm(dim=0).cpu().double()[:k] / max(float(theta[0]), 1e-300)
+        if m >= k and bool((res <= tol).all()):
             converged = True
             break
-        P = _orthonormalize(R[:, :block], V, drop)
-    m = min(k, V.shape[1])
-    vecs = (V @ S[:, :m]).T
-    return theta[:m].clamp_min(0).sqrt(), vecs, res[:m], matvecs, iters, converged
+        P = _orthonormalize(R[:, :block], V[:, :m], drop)
+    w = min(k, m)
+    vecs = (V[:, :m] @ S[:, :w]).T
+    return theta[:w].clamp_min(0).sqrt(), vecs, res[:w], matvecs, iters, converged
 
 
 def _power_qr(
@@ -164,6 +177,32 @@ def _power_qr(
     return values, X.T, res, matvecs, iters, converged
 
 
+def _subspace(
+    A: ImplicitLinear, k: int, init: Tensor | None, tol: float, max_iters: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
+    X, _ = torch.linalg.qr(_init_block(A, k, init, seed)[:, :k])
+    matvecs = iters = 0
+    converged = False
+    while True:
+        G, _ = A.gram(X.T.reshape(k, *A.input_shape))
+        G = G.reshape(k, -1).T
+        matvecs += k
+        iters += 1
+        H = (X.T @ G).double().cpu()
+        theta, S = torch.linalg.eigh((H + H.T) / 2)
+        theta, S = theta.flip(0), S.flip(1).to(A.device, A.dtype)
+        X, G = X @ S, G @ S
+        res = (G - X * theta.to(A.device, A.dtype)).norm(dim=0).cpu().double() / max(float(theta[0]), 1e-300)
+        # The power step's vectors are better than the Ritz vectors the values belong to: return those.
+        X, _ = torch.linalg.qr(G)
+        if bool((res <= tol).all()):
+            converged = True
+            break
+        if iters >= max_iters:
+            break
+    return theta.clamp_min(0).sqrt(), X.T, res, matvecs, iters, converged
+
+
 def spectrum(
     op: Op | ImplicitLinear,
     input_shape: Sequence[int] | None = None,
@@ -178,6 +217,7 @@ def spectrum(
     basis_size: int | None = None,
     check_affine: bool = True,
     seed: int = 0,
+    left: bool = True,
 ) -> Spectrum:
     """Compute the ``k`` largest singular values and vectors of the linear map ``x ↦ op(x) − op(0)``.
 
@@ -191,8 +231,10 @@ def spectrum(
         input_shape: the shape of one input without the batch dimension, e.g. ``(C, H, W)``; the spectrum
             of a convolution depends on it. Not needed when ``op`` is an :class:`ImplicitLinear`.
         k: how many singular values to return (``1 ≤ k < dim``, where ``dim`` is the input size).
-        method: ``"auto"`` or ``"krylov"`` (block Krylov with Rayleigh–Ritz, the default), or
-            ``"power_qr"`` (the published PowerQR, for comparison).
+        method: ``"auto"`` or ``"krylov"`` (block Krylov with Rayleigh–Ritz, the default), ``"power_qr"``
+            (the published PowerQR, for comparison), or ``"subspace"`` (unshifted subspace iteration with
+            Rayleigh–Ritz; its values are those of the vectors it started the last iteration from, and
+            ``right`` holds the vectors after that iteration's power step: the cheap per-step update).
         init: warm start, e.g. ``previous.right``: ``(j, *input_shape)`` vectors, ``j ≤ block size``; the
             rest of the starting block is random.
         tol: stopping tolerance. Krylov: every returned pair has ``‖AᵀA v − σ² v‖ ≤ tol·σ₁²`` (the squared
@@ -206,6 +248,7 @@ def spectrum(
         basis_size: largest Krylov basis before a thick restart (default ``max(48, 4·block + 2k)``).
         check_affine: refuse a non-affine ``op`` (see :meth:`ImplicitLinear.check_affine`).
         seed: seed of the random starting vectors (the result is deterministic for a given seed).
+        left: also compute the left singular vectors (one more application of ``A``).
 
     Returns:
         Spectrum: values, right and left singular vectors, the work spent and whether it converged.
@@ -241,22 +284,26 @@ def spectrum(
         raise ValueError(f"init holds {init.numel() // A.in_features} vectors; at most {max(block, k)} are used")
     if method == "power_qr":
         values, vecs, res, matvecs, iters, converged = _power_qr(A, k, init, tol, max_iters or 10000, seed)
+    elif method == "subspace":
+        values, vecs, res, matvecs, iters, converged = _subspace(A, k, init, tol, max_iters or 10000, seed)
     else:
         basis = basis_size or max(48, 4 * block + 2 * k)
         if basis < k + block:
             raise ValueError(f"basis_size must be at least k + block_size = {k + block}, got {basis}")
         values, vecs, res, matvecs, iters, converged = _krylov(A, k, init, tol, max_iters or 1000, block, basis, seed)
     right = vecs.reshape(-1, *A.input_shape)
-    left = A.matvec(right)
     values = values.to(A.dtype).to(A.device)
-    left = left / values.clamp_min(torch.finfo(A.dtype).tiny).view(-1, *([1] * len(A.output_shape)))
+    lefts = None
+    if left:
+        scale = values.clamp_min(torch.finfo(A.dtype).tiny).view(-1, *([1] * len(A.output_shape)))
+        lefts = A.matvec(right) / scale
     return Spectrum(
         values=values,
         right=right,
-        left=left,
+        left=lefts,
         matvecs=matvecs,
         iters=iters,
         converged=converged,
         residuals=res.to(torch.float64),
-        method="power_qr" if method == "power_qr" else "krylov",
+        method="krylov" if method == "auto" else method,
     )

@@ -1,0 +1,138 @@
+"""Training-time overhead of SpectralClipCallback: fit time with the callback over fit time without it.
+
+The paper's schedule: a warm-up of the spectrum solver once, one warm-started iteration per optimizer step,
+a clip every 100 steps (and one at the end of training). ResNet-18 for 32×32 inputs on synthetic data, every
+Conv and the final Linear selected (21 layers). All runs share one process, the same data, the same initial
+weights and the same number of steps; the baseline is timed before and after the others and its mean is the
+denominator.
+
+    python experiments/bench_overhead.py                      # CPU: width 16, 300 steps
+    python experiments/bench_overhead.py --device cuda --width 64 --batch-size 128 --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_specclip import SpectralClipCallback
+from lightning_specclip.models import ResNet18
+from lightning_specclip.tracking import spectral_norms
+
+METHODS = ("fastclip", "gouk", "miyato", "none")
+
+
+class _Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _fit(args: argparse.Namespace, method: str | None, state: dict, loader: DataLoader) -> tuple[float, nn.Module]:
+    net = ResNet18(width=args.width)
+    net.load_state_dict(state)
+    callbacks = []
+    if method is not None:
+        callbacks.append(
+            SpectralClipCallback(
+                args.target, method=method, warmup_iters=100, iters_per_step=1, every_n_steps=args.every_n_steps
+            )
+        )
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    model = _Classifier(net)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    trainer.fit(model, loader)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, net
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark; print and write the markdown table.
+
+    Args:
+        argv: command-line arguments (see ``--help``).
+
+    Returns:
+        str: the markdown table.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64 is the standard model)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every-n-steps", type=int, default=100)
+    parser.add_argument("--target", type=float, default=1.0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--measure", action="store_true", help="also measure the final spectral norms (slow)")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench_overhead.md"))
+    args = parser.parse_args(argv)
+
+    pl.seed_everything(0)
+    data = TensorDataset(torch.rand(args.batch_size * 16, 3, 32, 32), torch.randint(0, 10, (args.batch_size * 16,)))
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
+    state = ResNet18(width=args.width).state_dict()
+    _fit(argparse.Namespace(**{**vars(args), "steps": 5}), "fastclip", state, loader)  # warm caches and kernels
+
+    baseline = [_fit(args, None, state, loader)[0]]
+    times, nets = {}, {}
+    for method in args.methods:
+        times[method], nets[method] = _fit(args, method, state, loader)
+    baseline.append(_fit(args, None, state, loader)[0])
+    base = statistics.mean(baseline)
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
+    lines = [
+        f"ResNet-18 (width {args.width}) on 3×32×32, batch {args.batch_size}, {args.steps} steps, device: {device}, "
+        f"torch threads: {torch.get_num_threads()}",
+        f"schedule: warm-up 100 iterations, 1 iteration per step, clip every {args.every_n_steps} steps, "
+        f"target {args.target}",
+        "",
+        "| method | fit time (s) | ratio to no callback |" + (" max σ after |" if args.measure else ""),
+        "|---|---|---|" + ("---|" if args.measure else ""),
+        f"| no callback | {base:.1f} (runs: {', '.join(f'{t:.1f}' for t in baseline)}) | 1.00 |"
+        + (" |" if args.measure else ""),
+    ]
+    example = torch.rand(1, 3, 32, 32)
+    for method in args.methods:
+        name = f"{method} (track only)" if method == "none" else method
+        row = f"| {name} | {times[method]:.1f} | {times[method] / base:.3f} |"
+        if args.measure:
+            norms = spectral_norms(nets[method].cpu().float(), example)["layers"]
+            row += f" {max(norms.values()):.3f} |"
+        lines.append(row)
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,891 @@
+"""Aggregate training runs into a Markdown table and the paper's figures.
+
+Every ``metrics.json`` below the given run or multirun directories (as written by ``experiments/train.py``;
+Hydra multiruns put one in each ``<multirun_dir>/<job_num>/``, nested deeper for several sweeps) is read and
+the runs are grouped by (method, target, BatchNorm mode) — and by model and data set when those vary too.
+Written into ``--out`` (by default the first path):
+
+* ``report.md``: one row per group, means over its runs (seeds): clean accuracy, each attack's robust
+  accuracy, the per-layer spectral norm σ (mean and max over the layers), the largest conv∘BN composition σ
+  and BatchNorm gain when present, time per epoch; then links to the figures.
+* ``violin_sigma.png``: the paper's headline figure, violins of the final per-layer σ per method (and
+  target), a dashed line at each target.
+* ``bn_sigma_over_training.png``: the paper's BatchNorm figure, σ of a conv, its BatchNorm and their
+  composition over the training steps (only for runs that recorded a composition).
+* ``accuracy_vs_target.png``: clean (solid) and robust (dashed, one style per attack) accuracy against the
+  clip target, one colour and marker per method, the unclipped ``none`` runs as horizontal references.
+
+Usage::
+
+    python experiments/report.py logs/multiruns/2024-05-01_12-00-00
+    python experiments/report.py runs/a runs/b --out reports/ab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+__all__ = [
+    "Group",
+    "Run",
+    "find_metrics",
+    "group_runs",
+    "load_runs",
+    "main",
+    "plot_accuracy_vs_target",
+    "plot_bn_sigma_over_training",
+    "plot_violin_sigma",
+    "render_markdown",
+]
+
+METRICS_NAME = "metrics.json"
+REPORT_NAME = "report.md"
+VIOLIN_NAME = "violin_sigma.png"
+BN_NAME = "bn_sigma_over_training.png"
+ACCURACY_NAME = "accuracy_vs_target.png"
+
+#: Display order of the methods (the paper's first, the unclipped reference last); others follow by name.
+METHOD_ORDER = ("fastclip", "gouk", "miyato", "senderovich", "gram", "none")
+#: Display order of the BatchNorm modes.
+BN_ORDER = ("bn", "no_bn", "bn_clipped", "bn_composed")
+#: One colour and marker per method, stable across figures.
+METHOD_STYLE = {
+    "fastclip": ("#1f77b4", "o"),
+    "gouk": ("#ff7f0e", "s"),
+    "miyato": ("#2ca02c", "^"),
+    "senderovich": ("#d62728", "D"),
+    "gram": ("#9467bd", "v"),
+    "none": ("#555555", "X"),
+}
+_EXTRA_STYLE = [("#8c564b", "P"), ("#e377c2", "*"), ("#17becf", "h"), ("#bcbd22", "<"), ("#7f7f7f", ">")]
+#: Line styles of the accuracy curves: clean first, then one per attack.
+_ATTACK_LINESTYLES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+_MAX_BN_PANELS = 4
+_DPI = 120
+_FONT = 10
+
+
+@dataclass
+class Run:
+    """One run's ``metrics.json``, with the fields the report uses normalised.
+
+    Args:
+        path: the ``metrics.json`` file.
+        metrics: its parsed content.
+
+    Example:
+        >>> run = Run(Path("r/metrics.json"), {"method": "fastclip", "target": 1, "test_acc": 0.9})
+        >>> run.method, run.target, run.bn_mode
+        ('fastclip', 1.0, 'bn')
+    """
+
+    path: Path
+    metrics: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        """str: the clipping method's name."""
+        return str(self.metrics.get("method") or "none")
+
+    @property
+    def target(self) -> float | None:
+        """float | None: the clip target (``None`` for the unclipped method)."""
+        target = self.metrics.get("target")
+        return None if target is None or self.method == "none" else float(target)
+
+    @property
+    def bn_mode(self) -> str:
+        """str: the BatchNorm mode."""
+        return str(self.metrics.get("bn_mode") or "bn")
+
+    @property
+    def model(self) -> str:
+        """str: the model's name."""
+        return str(self.metrics.get("model") or "")
+
+    @property
+    def data(self) -> str:
+        """str: the data set's name."""
+        return str(self.metrics.get("data") or "")
+
+    def number(self, key: str) -> float | None:
+        """A top-level numeric field, ``None`` when absent or not a finite number.
+
+        Args:
+            key: the field's name.
+
+        Returns:
+            float | None: its value.
+        """
+        return _finite(self.metrics.get(key))
+
+    def mapping(self, key: str) -> dict[str, float]:
+        """A ``name → number`` field with the non-finite entries dropped.
+
+        Args:
+            key: the field's name (``robust_acc``, ``spectral_norm``, ...).
+
+        Returns:
+            dict[str, float]: its finite entries.
+        """
+        raw = self.metrics.get(key) or {}
+        out = {}
+        if isinstance(raw, dict):
+            for name, value in raw.items():
+                number = _finite(value)
+                if number is not None:
+                    out[str(name)] = number
+        return out
+
+    @property
+    def history(self) -> tuple[list[float], dict[str, list[float]]]:
+        """tuple[list[float], dict[str, list[float]]]: the recorded steps and σ series (``NaN`` for gaps)."""
+        raw = self.metrics.get("history") or {}
+        steps = [float(s) for s in raw.get("step") or []]
+        sigma = {
+            str(name): [v if (v := _finite(x)) is not None else math.nan for x in series]
+            for name, series in (raw.get("sigma") or {}).items()
+            if isinstance(series, list)
+        }
+        return steps, sigma
+
+
+@dataclass
+class Group:
+    """The runs that share model, data, method, target and BatchNorm mode.
+
+    Args:
+        model: the model's name.
+        data: the data set's name.
+        method: the clipping method.
+        target: the clip target, ``None`` for ``none``.
+        bn_mode: the BatchNorm mode.
+        runs: the runs.
+
+    Example:
+        >>> clipped, unclipped = Group("", "", "fastclip", 1.0, "bn"), Group("", "", "none", None, "bn")
+        >>> clipped.sort_key() < unclipped.sort_key()
+        True
+    """
+
+    model: str
+    data: str
+    method: str
+    target: float | None
+    bn_mode: str
+    runs: list[Run] = field(default_factory=list)
+
+    def sort_key(self) -> tuple[Any, ...]:
+        """Order: model, data, method (paper order), target (``None`` last), BatchNorm mode.
+
+        Returns:
+            tuple[Any, ...]: a sort key.
+        """
+        return (
+            self.model,
+            self.data,
+            _order(self.method, METHOD_ORDER),
+            (self.target is None, self.target or 0.0),
+            _order(self.bn_mode, BN_ORDER),
+        )
+
+    def values(self, key: str) -> list[float]:
+        """The finite values of a top-level numeric field over the runs.
+
+        Args:
+            key: the field's name.
+
+        Returns:
+            list[float]: one value per run that has it.
+        """
+        return [v for run in self.runs if (v := run.number(key)) is not None]
+
+    def per_run(self, key: str, reduce: str) -> list[float]:
+        """One statistic per run of a ``name → number`` field.
+
+        Args:
+            key: the field's name.
+            reduce: ``"mean"`` or ``"max"`` over the entries of one run.
+
+        Returns:
+            list[float]: one value per run with a non-empty field.
+        """
+        out = []
+        for run in self.runs:
+            entries = list(run.mapping(key).values())
+            if entries:
+                out.append(statistics.fmean(entries) if reduce == "mean" else max(entries))
+        return out
+
+    def attack(self, name: str) -> list[float]:
+        """Robust accuracies of one attack over the runs.
+
+        Args:
+            name: the attack's name.
+
+        Returns:
+            list[float]: one fraction per run that evaluated it.
+        """
+        return [acc[name] for run in self.runs if name in (acc := run.mapping("robust_acc"))]
+
+    def pooled(self, key: str) -> list[float]:
+        """All values of a ``name → number`` field over all runs (the violins' data).
+
+        Args:
+            key: the field's name.
+
+        Returns:
+            list[float]: the pooled values.
+        """
+        return [v for run in self.runs for v in run.mapping(key).values()]
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _order(name: str, order: Sequence[str]) -> tuple[int, str]:
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _style(method: str, known: Sequence[str]) -> tuple[str, str]:
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method]
+    extra = sorted(m for m in known if m not in METHOD_STYLE)
+    return _EXTRA_STYLE[extra.index(method) % len(_EXTRA_STYLE)] if method in extra else _EXTRA_STYLE[0]
+
+
+def _fmt_target(target: float | None) -> str:
+    return "–" if target is None else f"{target:g}"
+
+
+def find_metrics(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``metrics.json`` below the given directories (a path may also name the file itself).
+
+    Args:
+        paths: run or multirun directories.
+
+    Returns:
+        list[Path]: the files, sorted and without duplicates.
+
+    Raises:
+        SystemExit: when none is found, naming the paths searched (and those that do not exist).
+
+    Example:
+        >>> find_metrics(["/nonexistent"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: no metrics.json found under /nonexistent (does not exist)...
+    """
+    paths = [Path(p) for p in paths]
+    found: set[Path] = set()
+    for path in paths:
+        if path.is_file() and path.name == METRICS_NAME:
+            found.add(path.resolve())
+        elif path.is_dir():
+            found.update(p.resolve() for p in path.rglob(METRICS_NAME) if p.is_file())
+    if not found:
+        where = ", ".join(f"{p} (does not exist)" if not p.exists() else str(p) for p in paths)
+        raise SystemExit(
+            f"no {METRICS_NAME} found under {where}; pass the run or multirun directory that "
+            "experiments/train.py wrote (its Hydra output directory)"
+        )
+    return sorted(found)
+
+
+def load_runs(files: Iterable[Path]) -> list[Run]:
+    """Parse ``metrics.json`` files; unreadable ones are skipped with a message on stderr.
+
+    Args:
+        files: the files.
+
+    Returns:
+        list[Run]: the runs that could be read.
+
+    Raises:
+        SystemExit: when none of the files could be read.
+
+    Example:
+        >>> load_runs([])
+        Traceback (most recent call last):
+        ...
+        SystemExit: none of the 0 metrics.json files could be read
+    """
+    files = list(files)
+    runs = []
+    for path in files:
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            print(f"report: skipping {path}: {error}", file=sys.stderr)
+            continue
+        if not isinstance(metrics, dict):
+            print(f"report: skipping {path}: not a JSON object", file=sys.stderr)
+            continue
+        runs.append(Run(path, metrics))
+    if not runs:
+        raise SystemExit(f"none of the {len(files)} {METRICS_NAME} files could be read")
+    return runs
+
+
+def group_runs(runs: Iterable[Run]) -> list[Group]:
+    """Group runs by (model, data, method, target, BatchNorm mode), in report order.
+
+    Args:
+        runs: the runs.
+
+    Returns:
+        list[Group]: the groups, sorted by :meth:`Group.sort_key`.
+
+    Example:
+        >>> runs = [Run(Path(f"{s}/metrics.json"), {"method": "gouk", "target": 1, "seed": s}) for s in (0, 1)]
+        >>> [(g.method, len(g.runs)) for g in group_runs(runs)]
+        [('gouk', 2)]
+    """
+    groups: dict[tuple[Any, ...], Group] = {}
+    for run in runs:
+        key = (run.model, run.data, run.method, run.target, run.bn_mode)
+        groups.setdefault(key, Group(*key)).runs.append(run)
+    return sorted(groups.values(), key=Group.sort_key)
+
+
+def _varying(groups: Sequence[Group], *fields: str) -> list[str]:
+    return [f for f in fields if len({getattr(g, f) for g in groups}) > 1]
+
+
+def _label(group: Group, fields: Sequence[str], sep: str = " ") -> str:
+    parts = []
+    for name in fields:
+        value = getattr(group, name)
+        if name == "target":
+            if value is not None:
+                parts.append(f"c={value:g}")
+        elif value:
+            parts.append(str(value))
+    return sep.join(parts)
+
+
+def _attacks(groups: Sequence[Group]) -> list[str]:
+    names = {name for g in groups for run in g.runs for name in run.mapping("robust_acc")}
+    return sorted(names)
+
+
+def _pct(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    if len(values) > 1:
+        return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+    return f"{mean:.1f}"
+
+
+def _num(values: Sequence[float], fmt: str = ".3f") -> str:
+    return f"{statistics.fmean(values):{fmt}}" if values else "–"
+
+
+def render_markdown(
+    groups: Sequence[Group], figures: dict[str, str | None], sources: Sequence[Path], n_files: int
+) -> str:
+    """The text of ``report.md``.
+
+    Args:
+        groups: the groups, in display order.
+        figures: figure file name → ``None`` when written, else the reason it was not.
+        sources: the directories the runs were collected from.
+        n_files: how many ``metrics.json`` files were found.
+
+    Returns:
+        str: Markdown.
+
+    Example:
+        >>> run = Run(Path("metrics.json"), {"method": "none", "test_acc": 0.5})
+        >>> "| none | – | bn | 1 | 50.0 |" in render_markdown(group_runs([run]), {}, [Path(".")], 1)
+        True
+    """
+    extra = _varying(groups, "model", "data")
+    attacks = _attacks(groups)
+    has_comp = any(run.mapping("spectral_norm_composition") for g in groups for run in g.runs)
+    has_bn = any(run.mapping("spectral_norm_batchnorm") for g in groups for run in g.runs)
+    n_runs = sum(len(g.runs) for g in groups)
+
+    header = [*(e for e in extra), "method", "target", "BN mode", "n", "clean acc (%)"]
+    header += [f"{a} acc (%)" for a in attacks]
+    header += ["σ layer mean", "σ layer max"]
+    header += ["σ conv∘BN max"] if has_comp else []
+    header += ["BN gain max"] if has_bn else []
+    header += ["epoch time (s)"]
+    lines = [
+        "# Spectral clipping report",
+        "",
+        f"{n_runs} runs ({n_files} `{METRICS_NAME}` files) from "
+        + ", ".join(f"`{s}`" for s in sources)
+        + f", in {len(groups)} groups. Values are means over the runs of a group (n); accuracies in %, "
+        "± the standard deviation over runs when n > 1. σ: the ground-truth spectral norm of the final weights; "
+        "*σ layer mean/max* is the mean/max over a run's layers, averaged over runs"
+        + ("; *σ conv∘BN max* the largest conv∘BatchNorm composition" if has_comp else "")
+        + ("; *BN gain max* the largest BatchNorm gain max |γ|/√(var+ε)" if has_bn else "")
+        + ".",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < len(extra) + 3 else "---:" for i in range(len(header))) + "|",
+    ]
+    for g in groups:
+        row = [getattr(g, e) for e in extra] + [g.method, _fmt_target(g.target), g.bn_mode, str(len(g.runs))]
+        row.append(_pct(g.values("test_acc")))
+        row += [_pct(g.attack(a)) for a in attacks]
+        row += [_num(g.per_run("spectral_norm", "mean")), _num(g.per_run("spectral_norm", "max"))]
+        row += [_num(g.per_run("spectral_norm_composition", "max"))] if has_comp else []
+        row += [_num(g.per_run("spectral_norm_batchnorm", "max"))] if has_bn else []
+        row.append(_num(g.values("epoch_time_s"), ".2f"))
+        lines.append("| " + " | ".join(row) + " |")
+
+    captions = {
+        VIOLIN_NAME: "Final per-layer spectral norms per method (violins; dashed lines: targets)",
+        BN_NAME: "σ of a conv, its BatchNorm and their composition over training",
+        ACCURACY_NAME: "Clean and robust accuracy vs. clip target",
+    }
+    lines += ["", "## Figures", ""]
+    for name, caption in captions.items():
+        if name not in figures:
+            continue
+        reason = figures[name]
+        if reason is None:
+            lines += [f"- {caption}: `{name}`", "", f"  ![{caption}]({name})", ""]
+        else:
+            lines += [f"- {caption}: not drawn — {reason}.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _setup_fonts() -> None:
+    plt.rcParams.update(
+        {
+            "font.size": _FONT,
+            "axes.titlesize": _FONT + 1,
+            "axes.labelsize": _FONT + 1,
+            "xtick.labelsize": _FONT,
+            "ytick.labelsize": _FONT,
+            "legend.fontsize": _FONT - 1,
+            "figure.titlesize": _FONT + 2,
+        }
+    )
+
+
+def _save(fig: plt.Figure, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    fig.tight_layout(rect=rect)
+    # bbox_inches="tight" keeps the legends placed outside the axes inside the image.
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+
+
+def _draw_violins(
+    ax: Any, data: Sequence[tuple[Group, list[float]]], methods: Sequence[str], fields: list[str]
+) -> None:
+    """Violins (one per group), the layers as dots, dashed target lines over each cluster of one target."""
+    positions = list(range(1, len(data) + 1))
+    shown = [g for g, _ in data]
+    for pos, (g, values) in zip(positions, data, strict=True):
+        color, marker = _style(g.method, methods)
+        # A kernel density of fewer than 4 values misleads: show those as dots with a median bar.
+        drawn = len(values) >= 4 and max(values) - min(values) > 1e-9 * max(1.0, abs(max(values)))
+        if drawn:
+            parts = ax.violinplot([values], positions=[pos], widths=0.8, showextrema=False, showmedians=True)
+            for body in parts["bodies"]:
+                body.set_facecolor(color)
+                body.set_edgecolor("black")
+                body.set_alpha(0.55)
+            parts["cmedians"].set_color("black")
+        else:
+            ax.hlines(statistics.median(values), pos - 0.3, pos + 0.3, colors="black", linewidth=1.5, zorder=2.6)
+        offsets = [0.18 * ((i * 0.618034) % 1.0 - 0.5) for i in range(len(values))]
+        ax.scatter(
+            [pos + o for o in offsets],
+            values,
+            s=14 if drawn else 40,
+            color=color,
+            marker=marker,
+            edgecolor="black",
+            linewidth=0.4,
+            zorder=3,
+        )
+    for target in sorted({g.target for g in shown if g.target is not None}):
+        xs = [pos for pos, g in zip(positions, shown, strict=True) if g.target == target]
+        ax.hlines(target, min(xs) - 0.45, max(xs) + 0.45, colors="black", linestyles="--", linewidth=1.2, zorder=2.5)
+    for pos, prev, cur in zip(positions[1:], shown, shown[1:], strict=False):
+        if prev.target != cur.target:
+            ax.axvline(pos - 0.5, color="0.8", linewidth=0.8)
+    many = len(data) > 16
+    labels = [_label(g, fields, " " if many else "\n") for g in shown]
+    ax.set_xticks(positions, labels, rotation=40 if many else 0, ha="right" if many else "center")
+    ax.set_xlim(0.4, len(data) + 0.6)
+    ax.set_ylabel("final σ of each layer")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_violin_sigma(groups: Sequence[Group], path: Path) -> str | None:
+    """The paper's headline figure: violins of the final per-layer spectral norms of each group.
+
+    One violin per method (× target when several), pooling the values of ``spectral_norm`` over the group's
+    runs, with the individual layers as dots; the violins are clustered by target and a dashed line marks
+    each cluster's target. One panel per BatchNorm mode (and model, data set) when those vary.
+
+    Args:
+        groups: the groups.
+        path: the PNG to write.
+
+    Returns:
+        str | None: ``None`` when written, else why not.
+    """
+    data = [(g, g.pooled("spectral_norm")) for g in groups]
+    data = [(g, v) for g, v in data if v]
+    if not data:
+        return "no run has per-layer spectral norms (`spectral_norm` is empty)"
+    data.sort(key=lambda gv: ((gv[0].target is None, gv[0].target or 0.0), gv[0].sort_key()))
+    shown = [g for g, _ in data]
+    panel_fields = _varying(shown, "bn_mode", "model", "data")
+    fields = ["method", *_varying(shown, "target")]
+    panels: dict[tuple[Any, ...], list[tuple[Group, list[float]]]] = {}
+    for g, values in data:
+        panels.setdefault(tuple(getattr(g, f) for f in panel_fields), []).append((g, values))
+    methods = sorted({g.method for g in shown})
+    _setup_fonts()
+    widest = max(len(d) for d in panels.values())
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(6.0, 0.95 * widest + 2.5), 4.2 * len(panels) + 0.4), squeeze=False, sharey=True
+    )
+    for ax, (key, panel) in zip(axes[:, 0], panels.items(), strict=True):
+        _draw_violins(ax, panel, methods, fields)
+        if panel_fields:
+            ax.set_title(", ".join(f"{f.replace('_', ' ')}: {v}" for f, v in zip(panel_fields, key, strict=True)))
+    axes[-1, 0].set_xlabel("method" + (" and clip target c" if "target" in fields else ""))
+    targets = sorted({g.target for g in shown if g.target is not None})
+    all_values = [v for _, vals in data for v in vals] + targets
+    if min(all_values) > 0 and max(all_values) / min(all_values) > 30:
+        ax = axes[0, 0]
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    n_runs = sum(len(g.runs) for g in shown)
+    fig.suptitle(f"Final per-layer spectral norms per method ({n_runs} runs, layers pooled over a group's runs)")
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=_style(m, methods)[0],
+            marker=_style(m, methods)[1],
+            linestyle="",
+            markersize=7,
+            markeredgecolor="black",
+            label=m,
+        )
+        for m in sorted(methods, key=lambda m: _order(m, METHOD_ORDER))
+    ]
+    if targets:
+        handles.append(Line2D([], [], color="black", linestyle="--", label="target c"))
+    axes[0, 0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _save(fig, path, rect=(0, 0, 1, 1 - 0.12 / fig.get_figheight()))
+    return None
+
+
+def _composition_runs(groups: Sequence[Group]) -> list[tuple[Group, Run, str]]:
+    """Runs with a conv∘BN composition in their history, chosen to differ in method, BN mode and target."""
+    candidates: list[tuple[int, int, Group, Run, str]] = []
+    for gi, g in enumerate(groups):
+        for ri, run in enumerate(g.runs):
+            steps, sigma = run.history
+            comps = sorted(k for k in sigma if "+" in k and any(math.isfinite(v) for v in sigma[k]))
+            if steps and comps:
+                # The composition that peaks highest: the one clipping the conv alone controls least.
+                comp = max(comps, key=lambda k: max((v for v in sigma[k] if math.isfinite(v)), default=0.0))
+                candidates.append((ri, gi, g, run, comp))
+    chosen: list[tuple[int, int, Group, Run, str]] = []
+
+    # Greedy: the candidate sharing the fewest of method / BN mode / target with those already chosen.
+    def overlap(item: tuple[int, int, Group, Run, str]) -> tuple[int, int, int]:
+        g = item[2]
+        same = sum((c[2].method == g.method) + (c[2].bn_mode == g.bn_mode) + (c[2].target == g.target) for c in chosen)
+        return (same, item[0], item[1])
+
+    while candidates and len(chosen) < _MAX_BN_PANELS:
+        best = min(candidates, key=overlap)
+        candidates.remove(best)
+        chosen.append(best)
+    chosen.sort(key=lambda item: (item[1], item[0]))
+    return [(g, run, comp) for _, _, g, run, comp in chosen]
+
+
+def plot_bn_sigma_over_training(groups: Sequence[Group], path: Path) -> str | None:
+    """The paper's BatchNorm figure: σ over training of a conv, its BatchNorm and their composition.
+
+    One panel per run that recorded a conv∘BN composition in ``history`` (at most four, one per group
+    first); in each, the composition whose σ peaks highest, its conv and its BatchNorm, and the target.
+
+    Args:
+        groups: the groups.
+        path: the PNG to write.
+
+    Returns:
+        str | None: ``None`` when written, else why not.
+    """
+    chosen = _composition_runs(groups)
+    if not chosen:
+        return "no run recorded a conv∘BatchNorm composition in its `history` (models without BatchNorm?)"
+    _setup_fonts()
+    n = len(chosen)
+    cols = 2 if n > 1 else 1
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows + 0.5), squeeze=False)
+    fields = ["method", "target", *_varying([g for g, _, _ in chosen], "model", "data")]
+    series_style = [
+        ("conv", "#1f77b4", "-", "o"),
+        ("BatchNorm", "#ff7f0e", "--", "s"),
+        ("conv∘BN", "#d62728", "-", "^"),
+    ]
+    for ax, (g, run, comp) in zip(axes.flat, chosen, strict=False):
+        steps, sigma = run.history
+        parts = comp.split("+")
+        names = [parts[0], "+".join(parts[1:]), comp]
+        for (kind, color, style, marker), name in zip(series_style, names, strict=True):
+            values = sigma.get(name)
+            if not values:
+                continue
+            m = min(len(values), len(steps))
+            every = max(1, m // 12)
+            ax.plot(
+                steps[:m],
+                values[:m],
+                color=color,
+                linestyle=style,
+                marker=marker,
+                markevery=every,
+                markersize=5,
+                linewidth=2.0 if kind == "conv∘BN" else 1.5,
+            )
+        # The final weights' ground truth (the table's values), after any clipping at the end of training.
+        finals = [
+            run.mapping("spectral_norm").get(names[0]),
+            run.mapping("spectral_norm_batchnorm").get(names[1]),
+            run.mapping("spectral_norm_composition").get(comp),
+        ]
+        for (_, color, _, marker), final in zip(series_style, finals, strict=True):
+            if final is not None and steps:
+                ax.plot(
+                    [steps[-1]],
+                    [final],
+                    linestyle="",
+                    marker=marker,
+                    markersize=11,
+                    markerfacecolor="none",
+                    markeredgecolor=color,
+                    markeredgewidth=1.8,
+                    zorder=4,
+                )
+        if g.target is not None:
+            ax.axhline(g.target, color="black", linestyle=":", linewidth=1.2)
+        seed = run.metrics.get("seed")
+        title = ", ".join(
+            [_label(g, fields, ", "), f"BN mode {g.bn_mode}"] + ([f"seed {seed}"] if seed is not None else [])
+        )
+        ax.set_title(f"{title}\n{names[0]} → {names[1]}", fontsize=_FONT)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("spectral norm σ")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    handles = [
+        Line2D(
+            [], [], color=color, linestyle=style, marker=marker, linewidth=2.0 if kind == "conv∘BN" else 1.5, label=kind
+        )
+        for kind, color, style, marker in series_style
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            markersize=10,
+            markerfacecolor="none",
+            markeredgecolor="black",
+            label="final weights (ground truth)",
+        )
+    )
+    handles.append(Line2D([], [], color="black", linestyle=":", linewidth=1.2, label="clip target c"))
+    fig.suptitle("Spectral norm over training: a conv, its BatchNorm and their composition conv∘BN")
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    _save(fig, path, rect=(0, 0.06 / rows, 1, 1))
+    return None
+
+
+def plot_accuracy_vs_target(groups: Sequence[Group], path: Path) -> str | None:
+    """Clean and robust accuracy against the clip target, one line per method and metric.
+
+    Colour and marker identify the method, the line style the metric (solid: clean; dashed, dotted, ...:
+    one per attack); error bars are the standard deviation over runs. The unclipped ``none`` runs are
+    horizontal lines in the same styles. One panel per BatchNorm mode (and model/data) when several.
+
+    Args:
+        groups: the groups.
+        path: the PNG to write.
+
+    Returns:
+        str | None: ``None`` when written, else why not.
+    """
+    with_acc = [g for g in groups if g.values("test_acc")]
+    if not with_acc:
+        return "no run has a `test_acc`"
+    attacks = _attacks(with_acc)
+    metrics = [("clean", "-")] + [(a, _ATTACK_LINESTYLES[i % len(_ATTACK_LINESTYLES)]) for i, a in enumerate(attacks)]
+    panel_fields = _varying(with_acc, "bn_mode", "model", "data")
+    panels: dict[tuple[Any, ...], list[Group]] = {}
+    for g in with_acc:
+        panels.setdefault(tuple(getattr(g, f) for f in panel_fields), []).append(g)
+    methods = sorted({g.method for g in with_acc}, key=lambda m: _order(m, METHOD_ORDER))
+    _setup_fonts()
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols + 1.8, 4.2 * rows), squeeze=False, sharey=True)
+    targets_all = sorted({g.target for g in with_acc if g.target is not None})
+    for ax, (key, members) in zip(axes.flat, panels.items(), strict=False):
+        for method in methods:
+            color, marker = _style(method, methods)
+            mine = sorted((g for g in members if g.method == method), key=lambda g: g.target or 0.0)
+            for metric, style in metrics:
+                points = []
+                for g in mine:
+                    values = g.values("test_acc") if metric == "clean" else g.attack(metric)
+                    if values:
+                        std = statistics.stdev(values) if len(values) > 1 else 0.0
+                        points.append((g.target, 100 * statistics.fmean(values), 100 * std))
+                if not points:
+                    continue
+                if method == "none" or all(t is None for t, _, _ in points):
+                    mean = statistics.fmean(p[1] for p in points)
+                    ax.axhline(mean, color=color, linestyle=style, linewidth=1.4, alpha=0.9)
+                    continue
+                points = [p for p in points if p[0] is not None]
+                if len(points) == 1:
+                    # A lone point shows no line style: draw a short segment in it so clean and attacks differ.
+                    half = 0.12 if len(targets_all) == 1 else 0.04 * (targets_all[-1] - targets_all[0])
+                    target, mean, _ = points[0]
+                    ax.plot([target - half, target + half], [mean, mean], color=color, linestyle=style, linewidth=1.8)
+                ax.errorbar(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    yerr=[p[2] for p in points],
+                    color=color,
+                    linestyle=style,
+                    marker=marker,
+                    markersize=6,
+                    capsize=3,
+                    linewidth=1.6,
+                    markeredgecolor="black",
+                    markeredgewidth=0.5,
+                )
+        if targets_all:
+            ax.set_xticks(targets_all, [f"{t:g}" for t in targets_all])
+            if len(targets_all) == 1:
+                ax.set_xlim(targets_all[0] - 0.5, targets_all[0] + 0.5)
+        ax.set_xlabel("clip target c")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        title = ", ".join(f"{f.replace('_', ' ')}: {v}" for f, v in zip(panel_fields, key, strict=True))
+        ax.set_title(title or "Accuracy vs. clip target")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    method_handles = [
+        Line2D(
+            [],
+            [],
+            color=_style(m, methods)[0],
+            marker=_style(m, methods)[1],
+            markeredgecolor="black",
+            linestyle="-",
+            label=m + (" (unclipped)" if m == "none" else ""),
+        )
+        for m in methods
+    ]
+    metric_handles = [Line2D([], [], color="black", linestyle=s, label=f"{m} accuracy") for m, s in metrics]
+    right = axes.flat[min(len(panels), cols) - 1]
+    first = right.legend(
+        handles=method_handles, title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False
+    )
+    right.add_artist(first)
+    right.legend(handles=metric_handles, title="metric", loc="lower left", bbox_to_anchor=(1.02, 0.0), frameon=False)
+    if panel_fields:
+        fig.suptitle("Clean and robust accuracy vs. clip target")
+    _save(fig, path)
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Aggregate the metrics.json of training runs into report.md and the paper's figures."
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first path)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write ``report.md`` and the figures for the runs below the given directories.
+
+    Args:
+        argv: command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        int: 0 on success.
+
+    Raises:
+        SystemExit: when no ``metrics.json`` is found or none can be read (with a message saying where it
+            looked), or on bad arguments.
+
+    Example:
+        >>> main(["/nonexistent"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: no metrics.json found under /nonexistent (does not exist)...
+    """
+    args = _parser().parse_args(argv)
+    files = find_metrics(args.paths)
+    runs = load_runs(files)
+    groups = group_runs(runs)
+    first = args.paths[0]
+    out: Path = args.out if args.out is not None else (first.parent if first.is_file() else first)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        VIOLIN_NAME: plot_violin_sigma(groups, out / VIOLIN_NAME),
+        BN_NAME: plot_bn_sigma_over_training(groups, out / BN_NAME),
+        ACCURACY_NAME: plot_accuracy_vs_target(groups, out / ACCURACY_NAME),
+    }
+    report = out / REPORT_NAME
+    report.write_text(render_markdown(groups, figures, args.paths, len(files)))
+    written = [name for name, reason in figures.items() if reason is None]
+    print(f"report: {len(runs)} runs in {len(groups)} groups → {report} ({', '.join(written) or 'no figures'})")
+    for name, reason in figures.items():
+        if reason is not None:
+            print(f"report: {name} not drawn: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
