@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ class EpochTimer(Callback):
 
 
 def _attack_factories(cfg: DictConfig) -> dict[str, Any]:
-    return {name: (lambda model, c=c: instantiate(c, model=model)) for name, c in (cfg.get("attack") or {}).items()}
+    # partial, not lambda: the factories must pickle for ddp_spawn
+    return {name: partial(instantiate, c) for name, c in (cfg.get("attack") or {}).items()}
 
 
 def _last_checkpoint(directory: Path) -> str | None:

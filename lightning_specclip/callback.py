@@ -257,14 +257,16 @@ class SpectralClipCallback(Callback):
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step % every == 0:
             self._log(trainer, step)
-        sigmas = [float(s.values[0]) for s in self._states.values() if s.values is not None]
-        if sigmas:
-            pl_module.log("spectral/max_sigma", max(sigmas), prog_bar=True, logger=False, on_step=True)
+        sigmas = [s.values[0] for s in self._states.values() if s.values is not None]
+        if sigmas:  # a tensor: no wait for the device here
+            pl_module.log("spectral/max_sigma", torch.stack(sigmas).max(), prog_bar=True, logger=False, on_step=True)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Add the gradient of the method's penalty (the ``gram`` regularizer) to the weights' gradients."""
+        if self._recorder is not None:  # the first batch's forward has just recorded the input shapes
+            self._assign_shapes()
         for t in self.targets:
             value = self.target_for(t)
             penalty = None if value is None else self.method.penalty(t, value)
@@ -298,9 +300,6 @@ class SpectralClipCallback(Callback):
 
     def _track(self, target: Target) -> None:
         state = self._states[target.name]
-        if not self._finite(target):
-            rank_zero_warn(f"SpectralClipCallback: {target.name} has non-finite weights; not tracked or clipped")
-            return
         k = min(self.k, math.prod(target.input_shape) - 1)
         warm = state.right is not None and state.right.shape[1:] == target.input_shape
         if warm:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
@@ -315,6 +314,8 @@ class SpectralClipCallback(Callback):
                 check_affine=False,
                 left=False,
             )
+        elif not self._finite(target):  # nothing to measure; the clip step warns about it
+            return
         else:  # warm-up: Krylov until converged or warmup_iters
             result = spectrum(target.module, target.input_shape, k=k, max_iters=self.warmup_iters, tol=1e-5, left=False)
         state.right, state.values = result.right, result.values
@@ -324,7 +325,11 @@ class SpectralClipCallback(Callback):
         for t in self.targets:
             value = self.target_for(t)
             state = self._states[t.name]
-            if value is None or not self.method.supports(t) or not self._finite(t):
+            if value is None or not self.method.supports(t):
+                continue
+            if not self._finite(t):
+                rank_zero_warn(f"SpectralClipCallback: {t.name} has non-finite weights; not clipped")
+                state.right = None  # start the spectrum afresh once the weights are finite again
                 continue
             if t.kind == "batchnorm":
                 result = self.method.clip_batchnorm_(t, value)

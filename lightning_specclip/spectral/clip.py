@@ -197,6 +197,8 @@ def _clip_dense(layer: nn.Linear, bn: _BatchNorm | None, target: float, mode: st
     before = float(S[0])
     if mode == "set" and before == 0.0:
         raise ValueError("the layer's weight is zero: its spectral norm cannot be set")
+    if mode == "clip" and before <= target:  # nothing to do: leave the weights exactly as they are
+        return ClipResult(before, before, target, 0, True)
     new_s = _clip_values(S, target, mode)
     clipped = (U * new_s) @ Vh
     if row_scale is not None:
@@ -271,8 +273,13 @@ def _clip_iterative(
     before = current.sigma
     if mode == "set" and before == 0.0:
         raise ValueError("the layer's linear map is zero: its spectral norm cannot be set")
+    if mode == "clip" and before <= target * (1 + tol / 4):  # nothing to do: the weights stay as they are
+        return ClipResult(before, before, target, 0, True, False, current)
     rounds = 0
-    while rounds < max_rounds and not _within(current.sigma, target, mode, tol / 4):
+    # Least-squares rounds while σ₁ is above the target (or, in set mode, away from it).
+    while rounds < max_rounds and not _within(current.sigma, target, "set", tol / 4):
+        if current.sigma < target and mode == "clip":  # overshot below: the rescale below lifts it back
+            break
         new_values = _clip_values(current.values, target, mode)
         shape = (-1, *[1] * len(A.output_shape))
         rhs = (new_values - current.values).view(shape) * current.left
@@ -283,16 +290,23 @@ def _clip_iterative(
         work.add_(delta)
         rounds += 1
         current = measure(current.right, seed + rounds, block, tol / 4, 0)
-    # Random vectors beside the warm start for the final measurement: warm starts can miss a new top.
-    final = measure(current.right[:1], seed + rounds + 1, 1, tol / 10, extra)
+    # A cold start (random vectors only) for the final measurement: a warm start can miss a new top.
+    final = measure(None, seed + rounds + 1, 1, tol / 10, extra)
     sigma = max(final.sigma, current.sigma)
-    rescaled = not _within(sigma, target, mode, tol / 4)
+    # The map is linear in the weight: scaling it lands σ₁ on the target from either side.
+    rescaled = not _within(sigma, target, "set", tol / 4)
     if rescaled:
         work.mul_(target / sigma)
         final = measure(final.right, seed + rounds + 2, 1, tol / 10, 0)
+    backup = weight.detach().clone()
     _write(weight, work)
     if weight.dtype != dtype:  # rounding to the module's dtype moves the norm a little: measure that
-        final = spectrum(module, input_shape, k=1, init=final.right, tol=tol / 10, seed=seed)
+        try:
+            final = spectrum(module, input_shape, k=1, init=final.right, tol=tol / 10, seed=seed)
+        except BaseException:
+            with torch.no_grad():
+                weight.copy_(backup)
+            raise
     return ClipResult(before, final.sigma, target, rounds, _within(final.sigma, target, mode, tol), rescaled, final)
 
 

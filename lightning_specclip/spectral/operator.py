@@ -136,15 +136,7 @@ class ImplicitLinear:
                 self._tensors[name] = t
         elif overrides:
             raise ValueError("overrides need op to be an nn.Module")
-        try:
-            with torch.no_grad():
-                self._bias = self._call(self.zeros(1))
-        except (RuntimeError, ValueError, IndexError) as err:
-            raise ValueError(
-                f"op cannot take inputs of shape (batch, {', '.join(map(str, shape))}) (input_shape={shape}): {err}"
-            ) from err
-        self.output_shape: tuple[int, ...] = tuple(self._bias.shape[1:])
-        self.out_features = math.prod(self.output_shape)
+        self._bias: Tensor | None = None
         if check_affine:
             self.check_affine(atol)
 
@@ -163,7 +155,34 @@ class ImplicitLinear:
         """
         return torch.zeros((batch, *self.input_shape), dtype=self.dtype, device=self.device)
 
+    @property
+    def bias(self) -> Tensor:
+        """``op(0)`` as a batch of one, ``(1, *output_shape)`` (computed once, on first use)."""
+        if self._bias is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._bias = self._call(self.zeros(1))
+        return self._bias
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Shape of one output, without the batch dimension."""
+        return tuple(self.bias.shape[1:])
+
+    @property
+    def out_features(self) -> int:
+        """Number of outputs (the matrix's row count)."""
+        return math.prod(self.output_shape)
+
     def _call(self, x: Tensor) -> Tensor:
+        try:
+            return self._call_unchecked(x)
+        except (RuntimeError, IndexError) as err:
+            shape = ", ".join(map(str, self.input_shape))
+            raise ValueError(
+                f"op cannot take inputs of shape (batch, {shape}) (input_shape={self.input_shape}): {err}"
+            ) from err
+
+    def _call_unchecked(self, x: Tensor) -> Tensor:
         if self._tensors is not None:
             assert isinstance(self.op, nn.Module)
             with eval_mode(self.op):
@@ -197,7 +216,7 @@ class ImplicitLinear:
             True
         """
         with torch.no_grad():
-            return self._call(x.to(self.device, self.dtype)) - self._bias
+            return self._call(x.to(self.device, self.dtype)) - self.bias
 
     def rmatvec(self, y: Tensor) -> Tensor:
         """Apply ``Aᵀ`` to a batch of output-shaped tensors (a vector-Jacobian product).
@@ -214,8 +233,9 @@ class ImplicitLinear:
             >>> torch.allclose(A.rmatvec(torch.eye(2)), lin.weight)
             True
         """
-        y = y.to(self.device, self.dtype)
-        with torch.enable_grad():
+        # inference_mode(False): autograd must work even inside Lightning's validation/test loops.
+        with torch.inference_mode(False), torch.enable_grad():
+            y = y.to(self.device, self.dtype).clone()
             x = self.zeros(y.shape[0]).requires_grad_(True)
             (g,) = torch.autograd.grad(self._call(x), x, grad_outputs=y)
         return g
@@ -235,10 +255,14 @@ class ImplicitLinear:
             >>> torch.allclose(g, lin.weight.T @ lin.weight, atol=1e-6)
             True
         """
-        x = x.detach().to(self.device, self.dtype)
-        with torch.enable_grad():
-            x.requires_grad_(True)
-            y = self._call(x) - self._bias
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().to(self.device, self.dtype).clone().requires_grad_(True)
+            if self._bias is None:  # op(0) rides along in the same batch (samples do not interact in eval mode)
+                out = self._call(torch.cat([x, self.zeros(1)]))
+                y = out[:-1] - out[-1:]
+                self._bias = out[-1:].detach()
+            else:
+                y = self._call(x) - self._bias
             (g,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
         return g, y.detach()
 
@@ -264,7 +288,7 @@ class ImplicitLinear:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x, y = torch.randn((2, *self.input_shape), generator=gen, dtype=self.dtype).to(self.device)
         with torch.no_grad():
-            out = self._call(torch.stack([x, y, x + y, -2 * x])) - self._bias
+            out = self._call(torch.stack([x, y, x + y, -2 * x])) - self.bias
         if not torch.isfinite(out).all():
             raise ValueError("op returned non-finite values on random inputs; it cannot be analysed")
         fx, fy, fxy, f2x = out

@@ -62,17 +62,21 @@ class Spectrum:
 
 
 def _orthonormalize(p: Tensor, basis: Tensor | None, drop: float) -> Tensor:
-    """Columns of ``p`` projected off ``basis`` (twice), orthonormalized; near-dependent columns dropped."""
+    """Columns of ``p`` projected off ``basis`` (twice) and orthonormalized.
+
+    A column whose projection keeps less than ``drop`` of its norm lies in the span of ``basis`` up to
+    rounding: it is dropped, since normalizing rounding noise would give a vector that is not orthogonal.
+    """
+    before = p.norm(dim=0)
     for _ in range(2):
         if basis is not None and basis.shape[1] > 0:
             p = p - basis @ (basis.T @ p)
-    norms = p.norm(dim=0)
-    p = p[:, norms > drop * norms.max().clamp_min(1e-300)] if p.shape[1] else p
+    p = p[:, p.norm(dim=0) > drop * before.clamp_min(torch.finfo(p.dtype).tiny)]
     if p.shape[1] <= 1:  # one column: a normalization is its QR
-        return p / p.norm(dim=0).clamp_min(1e-300)
+        return p / p.norm(dim=0).clamp_min(torch.finfo(p.dtype).tiny)
+    scale = p.norm(dim=0)
     q, r = torch.linalg.qr(p)
-    keep = r.diagonal().abs() > drop * r.diagonal().abs().max().clamp_min(1e-300)
-    q = q[:, keep]
+    q = q[:, r.diagonal().abs() > drop * scale]
     if basis is not None and basis.shape[1] > 0 and q.shape[1] > 0:
         q = q - basis @ (basis.T @ q)
         q, _ = torch.linalg.qr(q)
@@ -88,10 +92,7 @@ def _init_block(A: ImplicitLinear, k: int, init: Tensor | None, seed: int) -> Te
     """``(n, k)`` starting block: the given vectors (if any), topped up with seeded random ones."""
     cols = []
     if init is not None:
-        init = init.detach().to(A.device, A.dtype).reshape(-1, A.in_features)
-        if not torch.isfinite(init).all():
-            raise ValueError("init contains non-finite values")
-        cols.append(init.T)
+        cols.append(init.detach().to(A.device, A.dtype).reshape(-1, A.in_features).T)
     have = sum(c.shape[1] for c in cols)
     if have < k:
         cols.append(_random(A, k - have, seed))
@@ -142,14 +143,16 @@ def _krylov(
         S = S64.to(A.device, A.dtype)
         w = min(max(k, block), m)
         R = AV[:, :m] @ S[:, :w] - V[:, :m] @ (S[:, :w] * theta[:w].to(A.device, A.dtype))
-        res = R.norm(dim=0).cpu().double()[:k] / max(float(theta[0]), 1e-300)
-        if m >= k and bool((res <= tol).all()):
+        res = R.norm(dim=0).cpu().double() / max(float(theta[0]), 1e-300)
+        if m >= k and bool((res[:k] <= tol).all()):
             converged = True
             break
-        P = _orthonormalize(R[:, :block], V[:, :m], drop)
+        # Expand with the residuals of the wanted pairs that have not converged yet (then the others).
+        order = torch.argsort((res <= tol).to(torch.int8), stable=True)[:block].to(R.device)
+        P = _orthonormalize(R[:, order], V[:, :m], drop)
     w = min(k, m)
     vecs = (V[:, :m] @ S[:, :w]).T
-    return theta[:w].clamp_min(0).sqrt(), vecs, res[:w], matvecs, iters, converged
+    return theta[:w].clamp_min(0).sqrt(), vecs, res[:w].clone(), matvecs, iters, converged
 
 
 def _power_qr(
@@ -177,10 +180,17 @@ def _power_qr(
     return values, X.T, res, matvecs, iters, converged
 
 
+def _normalize(X: Tensor) -> Tensor:
+    return X / X.norm(dim=0).clamp_min(torch.finfo(X.dtype).tiny)
+
+
 def _subspace(
     A: ImplicitLinear, k: int, init: Tensor | None, tol: float, max_iters: int, seed: int
 ) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
-    X, _ = torch.linalg.qr(_init_block(A, k, init, seed)[:, :k])
+    # k = 1 needs no QR or eigh, and nothing here reads a value back to the host unless another iteration
+    # has to decide whether to run: the per-step update of a training loop never waits for the device.
+    start = _init_block(A, k, init, seed)[:, :k]
+    X = _normalize(start) if k == 1 else torch.linalg.qr(start)[0]
     matvecs = iters = 0
     converged = False
     while True:
@@ -188,17 +198,20 @@ def _subspace(
         G = G.reshape(k, -1).T
         matvecs += k
         iters += 1
-        H = (X.T @ G).double().cpu()
-        theta, S = torch.linalg.eigh((H + H.T) / 2)
-        theta, S = theta.flip(0), S.flip(1).to(A.device, A.dtype)
-        X, G = X @ S, G @ S
-        res = (G - X * theta.to(A.device, A.dtype)).norm(dim=0).cpu().double() / max(float(theta[0]), 1e-300)
+        if k == 1:
+            theta = (X * G).sum(dim=0)
+        else:
+            H = (X.T @ G).double().cpu()
+            theta64, S = torch.linalg.eigh((H + H.T) / 2)
+            theta, S = theta64.flip(0).to(A.device, A.dtype), S.flip(1).to(A.device, A.dtype)
+            X, G = X @ S, G @ S
+        res = (G - X * theta).norm(dim=0) / theta[0].abs().clamp_min(torch.finfo(A.dtype).tiny)
         # The power step's vectors are better than the Ritz vectors the values belong to: return those.
-        X, _ = torch.linalg.qr(G)
+        X = _normalize(G) if k == 1 else torch.linalg.qr(G)[0]
+        if iters >= max_iters:
+            break
         if bool((res <= tol).all()):
             converged = True
-            break
-        if iters >= max_iters:
             break
     return theta.clamp_min(0).sqrt(), X.T, res, matvecs, iters, converged
 
@@ -246,7 +259,8 @@ def spectrum(
         dtype: compute dtype (float32 by default, float64 when the module holds float64 tensors).
         block_size: vectors per ``AᵀA`` application for Krylov (default ``k``).
         basis_size: largest Krylov basis before a thick restart (default ``max(48, 4·block + 2k)``).
-        check_affine: refuse a non-affine ``op`` (see :meth:`ImplicitLinear.check_affine`).
+        check_affine: refuse a non-affine ``op`` (see :meth:`ImplicitLinear.check_affine`) and a non-finite
+            ``init``. ``False`` skips these checks, which wait for the device: for a training loop's hot path.
         seed: seed of the random starting vectors (the result is deterministic for a given seed).
         left: also compute the left singular vectors (one more application of ``A``).
 
@@ -280,6 +294,8 @@ def spectrum(
     block = block_size or k
     if init is not None and init.numel() % A.in_features != 0:
         raise ValueError(f"init must have shape (j, {', '.join(map(str, A.input_shape))}); got {tuple(init.shape)}")
+    if init is not None and check_affine and not torch.isfinite(init).all():
+        raise ValueError("init contains non-finite values")
     if init is not None and init.numel() // A.in_features > max(block, k):
         raise ValueError(f"init holds {init.numel() // A.in_features} vectors; at most {max(block, k)} are used")
     if method == "power_qr":
@@ -290,7 +306,8 @@ def spectrum(
         basis = basis_size or max(48, 4 * block + 2 * k)
         if basis < k + block:
             raise ValueError(f"basis_size must be at least k + block_size = {k + block}, got {basis}")
-        values, vecs, res, matvecs, iters, converged = _krylov(A, k, init, tol, max_iters or 1000, block, basis, seed)
+        budget = max(max_iters or 1000, -(-k // block))  # enough iterations to hold k vectors, whatever max_iters says
+        values, vecs, res, matvecs, iters, converged = _krylov(A, k, init, tol, budget, block, basis, seed)
     right = vecs.reshape(-1, *A.input_shape)
     values = values.to(A.dtype).to(A.device)
     lefts = None
