@@ -34,7 +34,7 @@ class FastClip(ClipMethod):
     name: ClassVar[str] = "fastclip"
     kinds: ClassVar[tuple[str, ...]] = ("layer", "composition")
 
-    def __init__(self, max_rounds: int = 2, block_size: int = 4, tol: float = 1e-2) -> None:
+    def __init__(self, max_rounds: int = 2, block_size: int = 2, tol: float = 1e-2) -> None:
         if max_rounds < 0 or block_size < 1 or not tol > 0:
             raise ValueError(f"need max_rounds >= 0, block_size >= 1, tol > 0; got {max_rounds}, {block_size}, {tol}")
         self.max_rounds = max_rounds

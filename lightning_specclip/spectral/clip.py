@@ -207,6 +207,9 @@ def _clip_dense(layer: nn.Linear, bn: _BatchNorm | None, target: float, mode: st
         clipped = torch.where(nonzero[:, None], clipped / torch.where(nonzero, row_scale, 1)[:, None], weight)
     _write(layer.weight, clipped)
     after = float(new_s.max())
+    if layer.weight.dtype != dtype:  # rounding to the module's dtype moved the norm a little: measure that
+        written = layer.weight.detach().to(dtype)
+        after = float(torch.linalg.matrix_norm(written if row_scale is None else row_scale[:, None] * written, 2))
     return ClipResult(before, after, target, 0, _within(after, target, mode, tol))
 
 
@@ -289,7 +292,7 @@ def _clip_iterative(
             raise RuntimeError("the least-squares step produced non-finite values; the module was left unchanged")
         work.add_(delta)
         rounds += 1
-        current = measure(current.right, seed + rounds, block, tol / 4, 0)
+        current = measure(current.right, seed + rounds, block, tol, 0)  # direction finding: the final check decides
     # A cold start (random vectors only) for the final measurement: a warm start can miss a new top.
     final = measure(None, seed + rounds + 1, 1, tol / 10, extra)
     sigma = max(final.sigma, current.sigma)
@@ -369,6 +372,23 @@ def clip_spectral_norm_(
         >>> result.converged, round(result.after, 2)
         (True, 0.5)
     """
+    with torch.inference_mode(False):  # autograd is needed even inside Lightning's validation/test loops
+        return _clip(module, target, input_shape, mode, spectrum, tol, max_rounds, block_size, cg_iters, param, seed)
+
+
+def _clip(
+    module: Clippable,
+    target: float,
+    input_shape: Sequence[int] | None,
+    mode: str,
+    spectrum: Spectrum | Tensor | None,
+    tol: float,
+    max_rounds: int,
+    block_size: int,
+    cg_iters: int,
+    param: str | None,
+    seed: int,
+) -> ClipResult:
     target = _check_args(target, mode, tol)
     module = _as_module(module)
     _check_finite(module)

@@ -62,7 +62,7 @@ class Spectrum:
 
 
 def _orthonormalize(p: Tensor, basis: Tensor | None, drop: float) -> Tensor:
-    """Columns of ``p`` projected off ``basis`` (twice) and orthonormalized.
+    """Columns of ``p`` projected off ``basis`` (twice: "twice is enough") and orthonormalized.
 
     A column whose projection keeps less than ``drop`` of its norm lies in the span of ``basis`` up to
     rounding: it is dropped, since normalizing rounding noise would give a vector that is not orthogonal.
