@@ -82,6 +82,8 @@ class SpectralClipCallback(Callback):
         clip_batchnorm: also clamp every BatchNorm's per-channel gain ``|γ|/√(var+ε)`` to the target.
         warmup_iters: solver iterations the first time a layer's spectrum is computed.
         iters_per_step: warm-started solver iterations after each optimizer step.
+        track_every_n_steps: do the per-step update only every this many steps (and right before each clip);
+            1 is the paper's schedule, more trades tracking resolution for speed on fast accelerators.
         k: how many top singular values to track per layer.
         every_n_steps: clip every this many optimizer steps.
         start_step: first optimizer step at which clipping may happen.
@@ -110,6 +112,7 @@ class SpectralClipCallback(Callback):
         clip_batchnorm: bool = False,
         warmup_iters: int = 100,
         iters_per_step: int = 1,
+        track_every_n_steps: int = 1,
         k: int = 1,
         every_n_steps: int = 100,
         start_step: int = 0,
@@ -144,6 +147,7 @@ class SpectralClipCallback(Callback):
         self.clip_batchnorm = clip_batchnorm
         self.warmup_iters = _count("warmup_iters", warmup_iters, 1)
         self.iters_per_step = _count("iters_per_step", iters_per_step, 1)
+        self.track_every_n_steps = _count("track_every_n_steps", track_every_n_steps, 1)
         self.k = _count("k", k, 1)
         self.every_n_steps = _count("every_n_steps", every_n_steps, 1)
         self.start_step = _count("start_step", start_step, 0)
@@ -250,9 +254,11 @@ class SpectralClipCallback(Callback):
         if step == self._last_step:  # no optimizer step happened (gradient accumulation)
             return
         self._last_step = step
-        for t in self.targets:
-            self._track(t)
-        if step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0:
+        clip_now = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
+        if clip_now or step % self.track_every_n_steps == 0:
+            for t in self.targets:
+                self._track(t)
+        if clip_now:
             self._clip_all(trainer)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step % every == 0:

@@ -146,6 +146,17 @@ def test_acts_only_after_optimizer_steps_with_accumulation():
     assert per_layer == 3 + 1 + 2
 
 
+def test_track_every_n_steps_skips_updates():
+    calls = []
+    callback = SpectralClipCallback(
+        1.0, every_n_steps=100, warmup_iters=5, track_every_n_steps=2, clip_on_train_end=False
+    )
+    original = callback._track
+    callback._track = lambda target: (calls.append(target.name), original(target))
+    trainer(max_steps=4, callbacks=[callback]).fit(Classifier(small_cnn()), loader())
+    assert len(calls) / len(callback.targets) == 2  # steps 2 and 4
+
+
 def test_models_nobody_here_wrote():
     seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     conv1d = nn.Sequential(
