@@ -258,7 +258,7 @@ def spectrum(
             PowerQR.
         dtype: compute dtype (float32 by default, float64 when the module holds float64 tensors).
         block_size: vectors per ``AᵀA`` application for Krylov (default ``k``).
-        basis_size: largest Krylov basis before a thick restart (default ``max(48, 4·block + 2k)``).
+        basis_size: largest Krylov basis before a thick restart (default ``max(20, 4·block + 2k)``).
         check_affine: refuse a non-affine ``op`` (see :meth:`ImplicitLinear.check_affine`) and a non-finite
             ``init``. ``False`` skips these checks, which wait for the device: for a training loop's hot path.
         seed: seed of the random starting vectors (the result is deterministic for a given seed).
@@ -303,7 +303,7 @@ def spectrum(
     elif method == "subspace":
         values, vecs, res, matvecs, iters, converged = _subspace(A, k, init, tol, max_iters or 10000, seed)
     else:
-        basis = basis_size or max(48, 4 * block + 2 * k)
+        basis = basis_size or max(20, 4 * block + 2 * k)
         if basis < k + block:
             raise ValueError(f"basis_size must be at least k + block_size = {k + block}, got {basis}")
         budget = max(max_iters or 1000, -(-k // block))  # enough iterations to hold k vectors, whatever max_iters says
