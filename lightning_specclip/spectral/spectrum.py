@@ -61,25 +61,25 @@ class Spectrum:
         return float(self.values[0])
 
 
-def _orthonormalize(p: Tensor, basis: Tensor | None, drop: float) -> Tensor:
-    """Columns of ``p`` projected off ``basis`` (twice: "twice is enough") and orthonormalized.
+def _orthonormalize(rows: Tensor, basis: Tensor, drop: float) -> Tensor:
+    """Rows of ``rows`` projected off the rows of ``basis`` (twice: "twice is enough") and orthonormalized.
 
-    A column whose projection keeps less than ``drop`` of its norm lies in the span of ``basis`` up to
-    rounding: it is dropped, since normalizing rounding noise would give a vector that is not orthogonal.
+    A row whose projection keeps less than ``drop`` of its norm lies in the span of ``basis`` up to rounding:
+    it is dropped, since normalizing rounding noise would give a vector that is not orthogonal.
     """
-    before = p.norm(dim=0)
+    before = rows.norm(dim=1)
     for _ in range(2):
-        if basis is not None and basis.shape[1] > 0:
-            p = p - basis @ (basis.T @ p)
-    p = p[:, p.norm(dim=0) > drop * before.clamp_min(torch.finfo(p.dtype).tiny)]
-    if p.shape[1] <= 1:  # one column: a normalization is its QR
-        return p / p.norm(dim=0).clamp_min(torch.finfo(p.dtype).tiny)
-    scale = p.norm(dim=0)
-    q, r = torch.linalg.qr(p)
-    q = q[:, r.diagonal().abs() > drop * scale]
-    if basis is not None and basis.shape[1] > 0 and q.shape[1] > 0:
-        q = q - basis @ (basis.T @ q)
-        q, _ = torch.linalg.qr(q)
+        if basis.shape[0] > 0:
+            rows = rows - (rows @ basis.T) @ basis
+    rows = rows[rows.norm(dim=1) > drop * before.clamp_min(torch.finfo(rows.dtype).tiny)]
+    if rows.shape[0] <= 1:  # one row: a normalization is its QR
+        return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    scale = rows.norm(dim=1)
+    q, r = torch.linalg.qr(rows.T)
+    q = q[:, r.diagonal().abs() > drop * scale].T
+    if basis.shape[0] > 0 and q.shape[0] > 0:
+        q = q - (q @ basis.T) @ basis
+        q = torch.linalg.qr(q.T)[0].T
     return q
 
 
@@ -102,56 +102,70 @@ def _init_block(A: ImplicitLinear, k: int, init: Tensor | None, seed: int) -> Te
 def _krylov(
     A: ImplicitLinear, k: int, init: Tensor | None, tol: float, max_iters: int, block: int, basis_size: int, seed: int
 ) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
+    """Thick-restart block Lanczos (Krylov–Schur) on ``AᵀA`` with full reorthogonalization.
+
+    The basis ``V`` (rows) satisfies ``AᵀA Vᵀ = Vᵀ H + Wᵀ Eᵀ`` where ``W`` is the orthogonalized remainder of
+    the last block's product: the next block is ``W`` normalized, the Ritz pairs come from ``H``, and the
+    residual of Ritz vector ``i`` is ``‖R S[last rows, i]‖`` (``W = Q R``), with no extra pass over the basis.
+    """
     n = A.in_features
     drop = 1e3 * torch.finfo(A.dtype).eps
     basis_size = min(basis_size, n)
     block = min(block, n)
     keep = min(max(k + block, basis_size // 2), basis_size - block) if basis_size > k + block else k
-    # The basis V, AᵀA V and the projected matrix H = Vᵀ AᵀA V live in preallocated buffers; m columns are used.
-    V = torch.empty((n, basis_size), dtype=A.dtype, device=A.device)
-    AV = torch.empty_like(V)
+    V = torch.empty((basis_size, n), dtype=A.dtype, device=A.device)  # one basis vector per row
     H = torch.zeros((basis_size, basis_size), dtype=torch.float64)
     m = 0
-    P = _orthonormalize(_init_block(A, block, init, seed), None, drop)
+    empty = V[:0]
+    P = _orthonormalize(_init_block(A, block, init, seed).T, empty, drop)
     matvecs = iters = 0
     converged = False
     theta = torch.zeros(0, dtype=torch.float64)
-    S = torch.zeros((0, 0), dtype=A.dtype, device=A.device)
+    S = torch.zeros((0, 0), dtype=torch.float64)
     res = torch.full((k,), math.inf, dtype=torch.float64)
     while iters < max_iters:
-        p = P.shape[1]
-        if p == 0:  # the basis spans an invariant subspace: Ritz pairs are exact
+        p = P.shape[0]
+        if p == 0:  # the basis spans an invariant subspace (to working precision): its Ritz pairs are exact
             converged = m >= k
             break
         if m + p > basis_size:  # thick restart on the best Ritz vectors: H becomes diagonal
-            V[:, :keep] = V[:, :m] @ S[:, :keep]
-            AV[:, :keep] = AV[:, :m] @ S[:, :keep]
+            V[:keep] = S[:, :keep].T.to(A.device, A.dtype) @ V[:m]
             H.zero_()
             H[:keep, :keep] = torch.diag(theta[:keep])
             m = keep
-        G, _ = A.gram(P.T.reshape(-1, *A.input_shape))
+        V[m : m + p] = P
+        W, _ = A.gram(P.reshape(p, *A.input_shape))
+        W = W.reshape(p, n)
+        size = W.norm(dim=1)
         matvecs += p
         iters += 1
-        V[:, m : m + p] = P
-        AV[:, m : m + p] = G.reshape(p, n).T
-        column = (V[:, : m + p].T @ AV[:, m : m + p]).double().cpu()
-        H[: m + p, m : m + p] = column
-        H[m : m + p, : m + p] = column.T
+        basis = V[: m + p]
+        coeffs = W @ basis.T
+        W = W - coeffs @ basis
+        again = W @ basis.T
+        W = W - again @ basis
+        column = (coeffs + again).double().cpu()
+        H[m : m + p, : m + p] = column
+        H[: m + p, m : m + p] = column.T
         m += p
-        theta, S64 = torch.linalg.eigh((H[:m, :m] + H[:m, :m].T) / 2)
-        theta, S64 = theta.flip(0), S64.flip(1)
-        S = S64.to(A.device, A.dtype)
-        w = min(max(k, block), m)
-        R = AV[:, :m] @ S[:, :w] - V[:, :m] @ (S[:, :w] * theta[:w].to(A.device, A.dtype))
-        res = R.norm(dim=0).cpu().double() / max(float(theta[0]), 1e-300)
+        theta, S = torch.linalg.eigh((H[:m, :m] + H[:m, :m].T) / 2)
+        theta, S = theta.flip(0), S.flip(1)
+        if p == 1:
+            beta = W.norm()
+            Q, R = W / beta.clamp_min(torch.finfo(A.dtype).tiny), beta.reshape(1, 1)
+        else:
+            Q, R = torch.linalg.qr(W.T)
+            Q, R = Q.T, R
+        res = (R.double().cpu() @ S[m - p : m]).norm(dim=0) / max(float(theta[0]), 1e-300)
         if m >= k and bool((res[:k] <= tol).all()):
             converged = True
             break
-        # Expand with the residuals of the wanted pairs that have not converged yet (then the others).
-        order = torch.argsort((res <= tol).to(torch.int8), stable=True)[:block].to(R.device)
-        P = _orthonormalize(R[:, order], V[:, :m], drop)
+        # The next block is the remainder; directions it lost to rounding (the space is nearly invariant
+        # there) are dropped rather than normalized into non-orthogonal noise.
+        alive = R.diagonal().abs() > 10 * torch.finfo(A.dtype).eps * size.clamp_min(torch.finfo(A.dtype).tiny)
+        P = Q if bool(alive.all()) else _orthonormalize(Q[alive], V[:m], drop)
     w = min(k, m)
-    vecs = (V[:, :m] @ S[:, :w]).T
+    vecs = S[:, :w].T.to(A.device, A.dtype) @ V[:m]
     return theta[:w].clamp_min(0).sqrt(), vecs, res[:w].clone(), matvecs, iters, converged
 
 
