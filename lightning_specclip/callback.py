@@ -254,7 +254,7 @@ class SpectralClipCallback(Callback):
         if step == self._last_step:  # no optimizer step happened (gradient accumulation)
             return
         self._last_step = step
-        clip_now = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
+        clip_now = self._clip_due(step)
         if clip_now or step % self.track_every_n_steps == 0:
             for t in self.targets:
                 self._track(t)
@@ -293,13 +293,19 @@ class SpectralClipCallback(Callback):
         """Clip a last time, so that the final weights satisfy the bound, and print a summary table."""
         if self._recorder is not None:  # training ended before any batch
             self._assign_shapes()
-        if self.clip_on_train_end and trainer.global_step > 0:
+        step = trainer.global_step
+        # Nothing to do if the scheduled clip of this very step already ran (no optimizer step since).
+        already = self._last_step == step and self._clip_due(step)
+        if self.clip_on_train_end and step > 0 and not already:
             for t in self.targets:
                 self._track(t)
             self._clip_all(trainer)
         rank_zero_info(self.summary())
 
     # ------------------------------------------------------------------ work
+    def _clip_due(self, step: int) -> bool:
+        return step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
+
     @staticmethod
     def _finite(target: Target) -> bool:
         return all(torch.isfinite(p).all() for p in target.module.parameters())

@@ -157,6 +157,15 @@ def test_track_every_n_steps_skips_updates():
     assert len(calls) / len(callback.targets) == 2  # steps 2 and 4
 
 
+def test_no_second_clip_at_train_end_when_the_last_step_just_clipped():
+    callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=5)
+    trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(small_cnn(), 3.0)), loader())
+    assert callback._states["net.0"].clips == 2  # steps 2 and 4; the end of training (step 4) adds none
+    callback = SpectralClipCallback(1.0, every_n_steps=3, warmup_iters=5)
+    trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(small_cnn(), 3.0)), loader())
+    assert callback._states["net.0"].clips == 2  # step 3 and the end of training
+
+
 def test_models_nobody_here_wrote():
     seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     conv1d = nn.Sequential(
