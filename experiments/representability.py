@@ -207,9 +207,7 @@ def plot(results: list[LayerResult], target: float, path: Path) -> None:
         ax_rounds.plot(rounds, r.sigma_rounds, marker="o", ms=3, label=f"layer {i}: FFT clip")
     fast = [r.fastclip for r in results if r.fastclip is not None]
     if fast:
-        ax_rounds.plot(
-            [1] * len(fast), fast, marker="*", ms=12, ls="", color="k", label="FastClip (all layers)"
-        )
+        ax_rounds.plot([1] * len(fast), fast, marker="*", ms=12, ls="", color="k", label="FastClip (all layers)")
     ax_rounds.axhline(target, color="k", ls="--", lw=1, label="target")
     ax_rounds.xaxis.get_major_locator().set_params(integer=True)
     ax_rounds.set_xlabel("FFT clipping rounds")

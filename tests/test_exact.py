@@ -53,9 +53,7 @@ def test_fft_matches_dense_conv2d(c_in: int, c_out: int, k: int, kw: dict, size:
     out_hw = conv(torch.zeros(1, c_in, *size, dtype=torch.float64)).shape[2:]
     s = (stride, stride) if isinstance(stride, int) else stride
     assert tuple(out_hw) == (size[0] // s[0], size[1] // s[1])  # the geometry the FFT formula describes
-    got = fft_singular_values(
-        conv.weight, size, stride, dilation=kw.get("dilation", 1), groups=kw.get("groups", 1)
-    )
+    got = fft_singular_values(conv.weight, size, stride, dilation=kw.get("dilation", 1), groups=kw.get("groups", 1))
     assert got.dtype == torch.float64
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

@@ -22,9 +22,7 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _conv(
-    c_in: int = 4, c_out: int = 4, k: int = 3, scale: float = 3.0, seed: int = 0, **kw: object
-) -> nn.Conv2d:
+def _conv(c_in: int = 4, c_out: int = 4, k: int = 3, scale: float = 3.0, seed: int = 0, **kw: object) -> nn.Conv2d:
     torch.manual_seed(seed)
     conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, padding_mode="circular", **kw).double()
     with torch.no_grad():
@@ -152,9 +150,7 @@ def test_gram_bound_conv1d() -> None:
     torch.manual_seed(0)
     conv = nn.Conv1d(3, 3, 3, padding=1, padding_mode="circular").double()
     sigma = dense_singular_values(conv, (3, 12))[0].item()
-    assert (
-        sigma * (1 - 1e-12) <= gram_iteration_bound(conv.weight, 12, n_iter=10).item() <= sigma * (1 + 1e-3)
-    )
+    assert sigma * (1 - 1e-12) <= gram_iteration_bound(conv.weight, 12, n_iter=10).item() <= sigma * (1 + 1e-3)
 
 
 def test_gram_bound_no_overflow_and_zero_kernel() -> None:
