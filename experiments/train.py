@@ -86,6 +86,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics: dict[str, Any] = {}
     if trainer.is_global_zero:
+        if datamodule.test_set is None:  # ddp_spawn: setup, fit and test ran in the worker processes
+            datamodule.setup("test")
         example = next(iter(datamodule.test_dataloader()))[0][:1].to(module.device)
         norms = spectral_norms(module, example)
         metrics = {
