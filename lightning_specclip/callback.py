@@ -310,11 +310,11 @@ class SpectralClipCallback(Callback):
     def _finite(target: Target) -> bool:
         return all(torch.isfinite(p).all() for p in target.module.parameters())
 
-    def _track(self, target: Target) -> None:
+    def _track(self, target: Target, *, converge: bool = False) -> None:
         state = self._states[target.name]
         k = min(self.k, math.prod(target.input_shape) - 1)
         warm = state.right is not None and state.right.shape[1:] == target.input_shape
-        if warm:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
+        if warm and not converge:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
             result = spectrum(
                 target.module,
                 target.input_shape,
@@ -328,12 +328,16 @@ class SpectralClipCallback(Callback):
             )
         elif not self._finite(target):  # nothing to measure; the clip step warns about it
             return
-        else:  # warm-up: Krylov until converged or warmup_iters
-            result = spectrum(target.module, target.input_shape, k=k, max_iters=self.warmup_iters, tol=1e-5, left=False)
+        else:  # warm-up, or re-measuring after a clip: Krylov (from the tracked vectors if any) until converged
+            init = state.right if warm else None
+            result = spectrum(
+                target.module, target.input_shape, k=k, init=init, max_iters=self.warmup_iters, tol=1e-5, left=False
+            )
         state.right, state.values = result.right, result.values
         self.method.step(target, state.method)
 
     def _clip_all(self, trainer: pl.Trainer) -> None:
+        changed: set[int] = set()
         for t in self.targets:
             value = self.target_for(t)
             state = self._states[t.name]
@@ -351,7 +355,12 @@ class SpectralClipCallback(Callback):
                 continue
             state.clips += 1
             self._broadcast(trainer, t)
-            self._track(t)
+            changed.update(id(p) for p in t.module.parameters())
+        # Re-measure every map whose weights moved (clipping a conv∘BN composition also moves the conv): a
+        # clip can hand the top of the spectrum to another direction, which one warm iteration would miss.
+        for t in self.targets:
+            if any(id(p) in changed for p in t.module.parameters()):
+                self._track(t, converge=True)
 
     @staticmethod
     def _broadcast(trainer: pl.Trainer, target: Target) -> None:
@@ -386,6 +395,27 @@ class SpectralClipCallback(Callback):
                         if values is not None:
                             logger.experiment.add_histogram(f"spectral/{t.name}/spectrum", values.cpu(), step)
 
+    @property
+    def sigmas(self) -> dict[str, float]:
+        """The tracked spectral norm σ₁ of every target measured so far, by target name.
+
+        Between clips these come from one warm-started iteration per step (close, from below); right after a
+        clip, and at the end of training, every map whose weights moved is measured to convergence.
+
+        Returns:
+            dict[str, float]: ``{target name: σ₁}``.
+
+        Example:
+            >>> callback = SpectralClipCallback(1.0)
+            >>> callback.sigmas  # nothing measured before fit
+            {}
+        """
+        return {
+            t.name: float(self._states[t.name].values[0])
+            for t in self.targets
+            if t.name in self._states and self._states[t.name].values is not None
+        }
+
     def summary(self) -> str:
         """A table of every target: kind, input shape, tracked spectral norm, target and clips so far.
 
@@ -396,7 +426,7 @@ class SpectralClipCallback(Callback):
         for t in self.targets:
             state = self._states.get(t.name, _State())
             sigma = f"{float(state.values[0]):.4f}" if state.values is not None else "-"
-            value = self.target_for(t)
+            value = None if self.method.name == "none" else self.target_for(t)
             rows.append(
                 (t.name, t.kind, str(t.input_shape), sigma, "-" if value is None else f"{value:g}", str(state.clips))
             )
