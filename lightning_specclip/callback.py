@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_specclip.methods import METHODS, ClipMethod
-from lightning_specclip.spectral.spectrum import spectrum
+from lightning_specclip.spectral.spectrum import Spectrum, spectrum
 from lightning_specclip.targets import InputShapeRecorder, Selector, Target, find_conv_bn_pairs, select_modules
 
 __all__ = ["SpectralClipCallback"]
@@ -310,9 +310,12 @@ class SpectralClipCallback(Callback):
     def _finite(target: Target) -> bool:
         return all(torch.isfinite(p).all() for p in target.module.parameters())
 
+    def _k(self, target: Target) -> int:
+        return min(self.k, math.prod(target.input_shape) - 1)
+
     def _track(self, target: Target, *, converge: bool = False) -> None:
         state = self._states[target.name]
-        k = min(self.k, math.prod(target.input_shape) - 1)
+        k = self._k(target)
         warm = state.right is not None and state.right.shape[1:] == target.input_shape
         if warm and not converge:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
             result = spectrum(
@@ -331,13 +334,20 @@ class SpectralClipCallback(Callback):
         else:  # warm-up, or re-measuring after a clip: Krylov (from the tracked vectors if any) until converged
             init = state.right if warm else None
             result = spectrum(
-                target.module, target.input_shape, k=k, init=init, max_iters=self.warmup_iters, tol=1e-5, left=False
+                target.module,
+                target.input_shape,
+                k=k,
+                init=init,
+                max_iters=self.warmup_iters,
+                tol=1e-3,  # on the residual; the Ritz value errs by ~tol²/gap (σ to ~1e-6)
+                left=False,
             )
         state.right, state.values = result.right, result.values
         self.method.step(target, state.method)
 
     def _clip_all(self, trainer: pl.Trainer) -> None:
-        changed: set[int] = set()
+        changed: set[int] = set()  # parameters some clip moved
+        fresh: dict[str, Spectrum] = {}  # spectra the clips measured on the weights they wrote
         for t in self.targets:
             value = self.target_for(t)
             state = self._states[t.name]
@@ -355,11 +365,21 @@ class SpectralClipCallback(Callback):
                 continue
             state.clips += 1
             self._broadcast(trainer, t)
-            changed.update(id(p) for p in t.module.parameters())
-        # Re-measure every map whose weights moved (clipping a conv∘BN composition also moves the conv): a
-        # clip can hand the top of the spectrum to another direction, which one warm iteration would miss.
+            moved = {id(p) for p in t.module.parameters()}
+            changed |= moved
+            for other in self.targets:  # a spectrum measured before this clip is stale if the clip moved it
+                if other.name in fresh and any(id(p) in moved for p in other.module.parameters()):
+                    del fresh[other.name]
+            if result.spectrum is not None and result.spectrum.right.shape[0] >= self._k(t):
+                fresh[t.name] = result.spectrum
+        # Re-measure every other map whose weights moved (clipping a conv∘BN composition also moves the conv):
+        # a clip can hand the top of the spectrum to another direction, which one warm iteration would miss.
         for t in self.targets:
-            if any(id(p) in changed for p in t.module.parameters()):
+            if t.name in fresh:
+                state = self._states[t.name]
+                state.right = fresh[t.name].right[: self._k(t)]
+                state.values = fresh[t.name].values[: self._k(t)]
+            elif any(id(p) in changed for p in t.module.parameters()):
                 self._track(t, converge=True)
 
     @staticmethod

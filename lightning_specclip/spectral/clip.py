@@ -271,8 +271,12 @@ def _clip_iterative(
     def measure(start: Tensor | None, round_seed: int, k: int, tol_: float, extra_: int) -> Spectrum:
         return spectrum(A, k=k, init=start, block_size=k + extra_, tol=tol_, seed=round_seed)
 
-    # σ to within tol/8 relative while iterating, tol/20 for the final check (see `spectrum`'s tol).
-    current = measure(init, seed, block, tol / 4, extra)
+    # A warm start needs no random vectors beside it here: the cold final measurement below decides what is
+    # written, and a warm "already below the target" is confirmed cold before the weights are left alone.
+    warm = init is not None
+    current = measure(init, seed, block, tol / 4, 0 if warm else extra)
+    if mode == "clip" and warm and current.sigma <= target * (1 + tol / 4):
+        current = measure(None, seed, block, tol / 4, extra)
     before = current.sigma
     if mode == "set" and before == 0.0:
         raise ValueError("the layer's linear map is zero: its spectral norm cannot be set")
@@ -294,13 +298,13 @@ def _clip_iterative(
         rounds += 1
         current = measure(current.right, seed + rounds, block, tol, 0)  # direction finding: the final check decides
     # A cold start (random vectors only) for the final measurement: a warm start can miss a new top.
-    final = measure(None, seed + rounds + 1, 1, tol / 10, extra)
+    final = measure(None, seed + rounds + 1, 1, tol / 4, extra)
     sigma = max(final.sigma, current.sigma)
     # The map is linear in the weight: scaling it lands σ₁ on the target from either side.
     rescaled = not _within(sigma, target, "set", tol / 4)
     if rescaled:
         work.mul_(target / sigma)
-        final = measure(final.right, seed + rounds + 2, 1, tol / 10, 0)
+        final = measure(final.right, seed + rounds + 2, 1, tol / 4, 0)
     backup = weight.detach().clone()
     _write(weight, work)
     if weight.dtype != dtype:  # rounding to the module's dtype moves the norm a little: measure that

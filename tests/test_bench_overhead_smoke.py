@@ -1,0 +1,29 @@
+"""Smoke test of the training-overhead benchmark: a tiny run completes and reports every method."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_overhead.py"
+
+
+def test_tiny_overhead_benchmark_reports_every_method(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_overhead"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "overhead.md"
+    args = ["--width", "4", "--batch-size", "8", "--steps", "4", "--every-n-steps", "2", "--measure"]
+    table = bench.main([*args, "--out", str(out)])
+    assert out.read_text().strip() == table.strip()
+    rows = {r.split(" | ")[0][2:]: r.strip("| ").split(" | ") for r in table.splitlines() if r.startswith("| ")}
+    assert set(rows) >= {"no callback", "fastclip", "gouk", "miyato", "none (track only)"}
+    for name in ("fastclip", "gouk", "miyato", "none (track only)"):
+        fit, ratio, in_callback, within, max_sigma = (float(v) for v in rows[name][1:])
+        assert 0 < in_callback < fit  # the hooks' time is part of the fit time
+        assert within > 1 and ratio > 0
+    assert float(rows["fastclip"][-1]) <= 1.0 * 1.02  # clipped at steps 2 and 4: every layer within 2% of 1
+    assert float(rows["none (track only)"][-1]) > 1.02  # the same weights unclipped are above it
