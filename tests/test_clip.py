@@ -555,3 +555,17 @@ def test_one_dimensional_operator() -> None:
         conv.weight.fill_(3.0)
     clip_spectral_norm_(conv, TARGET, (1, 1, 1))
     assert conv.weight.abs().item() == pytest.approx(TARGET, rel=1e-2)
+
+
+def test_misleading_warm_start_is_checked_cold() -> None:
+    """A warm start that is an exact bottom singular vector says "below the target"; it must not be believed."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    shape = (2, 6, 6)
+    with torch.no_grad():
+        conv.weight.mul_(3.0 / float(dense_singular_values(conv, shape)[0]))
+    matrix = torch.func.jacrev(lambda x: conv(x.view(1, *shape)).flatten())(torch.zeros(math.prod(shape)))
+    bottom = torch.linalg.svd(matrix.detach().double())[2][-1].float().view(1, *shape)
+    result = clip_spectral_norm_(conv, 1.0, shape, spectrum=bottom, block_size=1)
+    assert result.before == pytest.approx(3.0, rel=1e-3)
+    assert float(dense_singular_values(conv, shape)[0]) <= 1.0 * 1.01
