@@ -72,7 +72,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     net = instantiate(cfg.model)
     module = ImageClassifier(net, num_classes=cfg.data.num_classes, attacks=_attack_factories(cfg), **cfg.module)
     clip: SpectralClipCallback = instantiate(cfg.clip)
-    history = SpectralHistory(every_n_steps=cfg.history_every_n_steps)
+    # written by rank 0 at the end of fit: with ddp_spawn the callbacks ran in the worker processes
+    history_file = output_dir / "spectral_history.json"
+    history = SpectralHistory(every_n_steps=cfg.history_every_n_steps, save_to=history_file)
     timer = EpochTimer()
     checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -102,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "spectral_norm": norms["layers"],
             "spectral_norm_composition": norms["compositions"],
             "spectral_norm_batchnorm": norms["batchnorms"],
-            "history": history.history,
+            "history": json.loads(history_file.read_text()),
             "epoch_time_s": sum(timer.times) / len(timer.times) if timer.times else None,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -94,6 +96,8 @@ class SpectralHistory(Callback):
     Args:
         every_n_steps: record every this many optimizer steps (and at step 0, and when training ends).
         iters: Krylov iterations per record after the first.
+        save_to: a JSON file that global rank 0 writes the history to when training ends, so that it outlives
+            strategies that train in worker processes (``ddp_spawn``); ``None``: kept in memory only.
 
     Attributes:
         history: ``{"step": [...], "sigma": {name: [...]}}``.
@@ -103,11 +107,12 @@ class SpectralHistory(Callback):
         {'step': [], 'sigma': {}}
     """
 
-    def __init__(self, every_n_steps: int = 10, iters: int = 20) -> None:
+    def __init__(self, every_n_steps: int = 10, iters: int = 20, save_to: str | Path | None = None) -> None:
         if every_n_steps < 1 or iters < 1:
             raise ValueError(f"every_n_steps and iters must be >= 1, got {every_n_steps}, {iters}")
         self.every_n_steps = every_n_steps
         self.iters = iters
+        self.save_to = None if save_to is None else Path(save_to)
         self.history: dict[str, Any] = {"step": [], "sigma": {}}
         self._ops: dict[str, tuple[nn.Module, tuple[int, ...]]] = {}
         self._batchnorms: dict[str, _BatchNorm] = {}
@@ -141,6 +146,9 @@ class SpectralHistory(Callback):
         """Record the final weights too (after a clip at the end of training, when that callback runs first)."""
         if self._ops or self._batchnorms:
             self._record(trainer.global_step)
+        if self.save_to is not None and trainer.is_global_zero:
+            self.save_to.parent.mkdir(parents=True, exist_ok=True)
+            self.save_to.write_text(json.dumps(self.history))
 
     def _record(self, step: int) -> None:
         self._last = step

@@ -115,3 +115,5 @@ def test_ddp_sim_two_processes(tmp_path):
     metrics = train.run(cfg)
     assert 0.0 <= metrics["test_acc"] <= 1.0
     assert all(s <= 1.02 for s in metrics["spectral_norm"].values())
+    # the history was recorded in the worker processes and still reaches metrics.json
+    assert metrics["history"]["step"] and set(metrics["history"]["sigma"]) >= set(metrics["spectral_norm"])
