@@ -104,7 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "spectral_norm": norms["layers"],
             "spectral_norm_composition": norms["compositions"],
             "spectral_norm_batchnorm": norms["batchnorms"],
-            "history": json.loads(history_file.read_text()),
+            # absent when the fit had nothing left to do (a finished run relaunched): then nothing was recorded
+            "history": json.loads(history_file.read_text()) if history_file.exists() else history.history,
             "epoch_time_s": sum(timer.times) / len(timer.times) if timer.times else None,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
