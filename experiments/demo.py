@@ -45,9 +45,9 @@ def main() -> None:
     for path in sorted(runs.rglob("metrics.json")):
         metrics = json.loads(path.read_text())
         if metrics["method"] == "fastclip":
-            norms = {**metrics["spectral_norm"], **metrics["spectral_norm_composition"]}
-            if metrics["bn_mode"] == "bn":  # the conv alone is clipped; BN rescales it afterwards
-                norms = metrics["spectral_norm"]
+            norms = dict(metrics["spectral_norm"])
+            if metrics["bn_mode"] != "bn":  # in mode "bn" only the conv alone is clipped; BN rescales it afterwards
+                norms |= metrics["spectral_norm_composition"]
             ratio = max(s / metrics["target"] for s in norms.values())
             print(
                 f"FastClip target {metrics['target']:g} ({metrics['bn_mode']}): "

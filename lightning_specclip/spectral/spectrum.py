@@ -155,7 +155,7 @@ def _krylov(
             Q, R = W / beta.clamp_min(torch.finfo(A.dtype).tiny), beta.reshape(1, 1)
         else:
             Q, R = torch.linalg.qr(W.T)
-            Q, R = Q.T, R
+            Q = Q.T
         res = (R.double().cpu() @ S[m - p : m]).norm(dim=0) / max(float(theta[0]), 1e-300)
         if m >= k and bool((res[:k] <= tol).all()):
             converged = True
