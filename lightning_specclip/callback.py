@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_specclip.methods import METHODS, ClipMethod
+from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.spectrum import Spectrum, spectrum
 from lightning_specclip.targets import InputShapeRecorder, Selector, Target, find_conv_bn_pairs, select_modules
 
@@ -158,6 +159,7 @@ class SpectralClipCallback(Callback):
         self.log_histograms = log_histograms
         self.targets: list[Target] = []
         self._states: dict[str, _State] = {}
+        self._operators: dict[str, ImplicitLinear] = {}  # per-step operators, kept while they see the weights
         self._recorder: InputShapeRecorder | None = None
         self._last_step = -1
 
@@ -313,14 +315,21 @@ class SpectralClipCallback(Callback):
     def _k(self, target: Target) -> int:
         return min(self.k, math.prod(target.input_shape) - 1)
 
+    def _operator(self, target: Target) -> ImplicitLinear:
+        """The target's operator, kept across steps while it reads the live weights (float32 models)."""
+        A = self._operators.get(target.name)
+        if A is None or not A.live:
+            A = ImplicitLinear(target.module, target.input_shape, check_affine=False)
+            self._operators[target.name] = A
+        return A
+
     def _track(self, target: Target, *, converge: bool = False) -> None:
         state = self._states[target.name]
         k = self._k(target)
         warm = state.right is not None and state.right.shape[1:] == target.input_shape
         if warm and not converge:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
             result = spectrum(
-                target.module,
-                target.input_shape,
+                self._operator(target),
                 k=k,
                 method="subspace",
                 init=state.right,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import lightning_specclip.spectral.clip as clip_module
-from lightning_specclip import clip_spectral_norm_, spectrum
+from lightning_specclip import ImplicitLinear, clip_spectral_norm_, spectrum
 from lightning_specclip.spectral.clip import batchnorm_scale
 from lightning_specclip.spectral.exact import dense_singular_values
 
@@ -133,6 +133,20 @@ def test_one_call_lands_within_one_percent_keeping_parameters_and_optimizer_stat
         assert p is params[pname]
         assert optimizer.state[p]["momentum_buffer"] is buffers[pname]
     optimizer.step()  # the optimizer still steps the clipped parameters
+
+
+@pytest.mark.parametrize("name", ["conv2d_reflect", "conv2d_bn_sequential"])
+def test_returned_spectrum_describes_the_written_weights_after_a_rescale(name: str) -> None:
+    factory, shape = KINDS[name]
+    module = _seeded(factory)
+    _scale_to_(module, shape, 3.0 * TARGET)
+    result = clip_spectral_norm_(module, TARGET, shape, max_rounds=0)  # no rounds: the rescale does it all
+    assert result.rescaled and result.spectrum is not None
+    truth = _singular_values(module, shape)[0].item()
+    assert result.spectrum.sigma == pytest.approx(truth, rel=1e-3)
+    v = result.spectrum.right[:1]
+    A = ImplicitLinear(_as_seq(module), shape)
+    assert A.matvec(v).norm().item() == pytest.approx(truth, rel=1e-3)  # the vector still goes with σ₁
 
 
 @pytest.mark.parametrize(

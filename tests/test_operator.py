@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_specclip import ImplicitLinear
 from lightning_specclip.spectral import eval_mode
 from lightning_specclip.spectral.exact import dense_matrix
+from lightning_specclip.spectral.operator import linear_part
 
 
 def _bn(bn: nn.Module) -> nn.Module:
@@ -212,3 +213,82 @@ def test_refuses_bad_shapes_and_ops() -> None:
 def test_repr_names_the_op_and_shapes() -> None:
     A = ImplicitLinear(nn.Conv2d(2, 3, 3), (2, 6, 6))
     assert repr(A) == "ImplicitLinear(Conv2d, input_shape=(2, 6, 6), output_shape=(3, 4, 4))"
+
+
+CLOSED_FORM = [name for name in KINDS if name != "function"]
+
+
+@pytest.mark.parametrize("name", CLOSED_FORM)
+def test_standard_layers_take_the_closed_form_and_agree_with_running_the_module(name: str) -> None:
+    op, shape = _build(name)
+    part = linear_part(op)
+    assert part is not None
+    x = torch.randn(3, *shape)
+    tensors = {n: t.detach() for n, t in (*op.named_parameters(), *op.named_buffers())}
+    reference = _eval_copy(op)
+    with torch.no_grad():
+        expected = reference(x) - reference(torch.zeros(1, *shape))
+        assert torch.allclose(part(x, tensors), expected, atol=1e-5)
+
+
+def test_closed_form_uses_the_tensors_it_is_given() -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+    part = linear_part(conv)
+    assert part is not None
+    x = torch.randn(2, 2, 5, 5)
+    doubled = {"weight": 2 * conv.weight.detach()}
+    with torch.no_grad():
+        assert torch.allclose(part(x, doubled), 2 * part(x, {"weight": conv.weight}), atol=1e-5)
+
+
+class _ScaledConv(nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _ScaledConv(2, 3, 3, padding=1),  # a subclass may change forward
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU()),  # not every child is known
+        lambda: nn.BatchNorm2d(2, track_running_stats=False),  # batch statistics: no affine map
+    ],
+    ids=["subclass", "unknown_child", "bn_without_running_stats"],
+)
+def test_other_modules_are_run_as_themselves(build: Callable[[], nn.Module]) -> None:
+    assert linear_part(build()) is None
+
+
+def test_a_forward_hook_is_honoured() -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    conv.register_forward_hook(lambda _m, _args, out: 3 * out)
+    assert linear_part(conv) is None
+    A = ImplicitLinear(conv, (2, 5, 5))
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        expected = conv(x) - conv(torch.zeros(1, 2, 5, 5))  # the hook triples the module's output
+        unhooked = conv._conv_forward(x, conv.weight, None)
+    assert torch.allclose(A.matvec(x), expected, atol=1e-5)
+    assert torch.allclose(expected, 3 * unhooked, atol=1e-5)
+
+
+def test_closed_form_refuses_a_wrong_input_shape_with_a_clear_error() -> None:
+    A = ImplicitLinear(_bn(nn.BatchNorm2d(3)), (3, 4, 4))
+    with pytest.raises(ValueError, match=r"input_shape"):
+        A.matvec(torch.randn(2, 3, 4))
+
+
+def test_a_live_operator_sees_in_place_updates_and_knows_when_it_goes_stale() -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    A = ImplicitLinear(conv, (2, 5, 5))
+    x = torch.randn(1, 2, 5, 5)
+    assert A.live
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # what an optimizer step or a clip does
+        expected = conv._conv_forward(x, conv.weight, None)
+    assert A.live
+    assert torch.allclose(A.matvec(x), expected, atol=1e-5)
+    conv.weight = nn.Parameter(conv.weight.detach().clone())  # a new tensor: the operator holds the old one
+    assert not A.live
+    assert not ImplicitLinear(nn.Linear(3, 2).double(), (3,), dtype=torch.float32).live  # a converted copy
+    assert not ImplicitLinear(lambda t: 2 * t, (3,)).live

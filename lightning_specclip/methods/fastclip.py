@@ -20,10 +20,16 @@ class FastClip(ClipMethod):
     groups, transposed convolutions, and conv∘BatchNorm compositions (block least squares, then an exact
     rescale if the rounds fall short).
 
+    The defaults are the paper's training schedule: each clip moves the weights once so that the layer maps
+    its top right singular vector ``v`` to ``c/σ₁ · A v`` (one least-squares round on one vector), then a cold
+    measurement decides, and an exact rescale removes whatever is left above the target (for example a second
+    singular value that was above it too). More rounds and a larger block move fewer other singular values,
+    at about one measurement more per round.
+
     Args:
-        max_rounds: least-squares rounds per clip before the exact rescale (few are needed in training,
-            where each clip starts close to the target).
-        block_size: singular vectors handled per round.
+        max_rounds: least-squares rounds per clip before the exact rescale.
+        block_size: singular vectors handled per round (the callback tracks ``k`` vectors; the others start
+            from random vectors, which costs more iterations).
         tol: relative tolerance on the clipped norm.
 
     Example:
@@ -34,7 +40,7 @@ class FastClip(ClipMethod):
     name: ClassVar[str] = "fastclip"
     kinds: ClassVar[tuple[str, ...]] = ("layer", "composition")
 
-    def __init__(self, max_rounds: int = 2, block_size: int = 2, tol: float = 1e-2) -> None:
+    def __init__(self, max_rounds: int = 1, block_size: int = 1, tol: float = 1e-2) -> None:
         if max_rounds < 0 or block_size < 1 or not tol > 0:
             raise ValueError(f"need max_rounds >= 0, block_size >= 1, tol > 0; got {max_rounds}, {block_size}, {tol}")
         self.max_rounds = max_rounds

@@ -13,11 +13,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
-__all__ = ["ImplicitLinear", "eval_mode"]
+__all__ = ["ImplicitLinear", "LinearPart", "eval_mode", "linear_part"]
 
 Op = nn.Module | Callable[[Tensor], Tensor]
+# x ↦ A x of a module, computed from a mapping of its parameter and buffer names to the tensors to use
+LinearPart = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d}
+_CONV_TRANSPOSE[nn.ConvTranspose3d] = F.conv_transpose3d
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @contextmanager
@@ -43,6 +52,77 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's own or global ones) could change what the module computes."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module_globals._global_forward_hooks
+        or _module_globals._global_forward_pre_hooks
+    )
+
+
+def linear_part(module: nn.Module, prefix: str = "") -> LinearPart | None:
+    """The linear part ``x ↦ module(x) − module(0)`` (eval mode) of a standard layer, in closed form.
+
+    For ``Linear``, ``Conv*d`` (every padding mode), ``ConvTranspose*d``, ``BatchNorm*d`` with running
+    statistics, ``Identity``, and ``Sequential`` containers of these, the map is the layer's own functional
+    call without its bias: no ``op(0)`` to compute and subtract, and none of the overhead of swapping tensors
+    into the module. Only exact classes qualify (a subclass may override ``forward``), and only modules
+    without forward hooks; anything else returns ``None`` and is run as the module itself.
+
+    Args:
+        module: the module.
+        prefix: prefix of the module's tensor names in the mapping the returned function receives.
+
+    Returns:
+        LinearPart | None: ``f(x, tensors)`` computing ``A x`` from the named tensors, or ``None``.
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> part = linear_part(lin)
+        >>> torch.allclose(part(torch.eye(3), dict(lin.named_parameters())), lin.weight.T)
+        True
+    """
+    if _hooked(module):
+        return None
+    kind = type(module)
+    weight = prefix + "weight"
+    if kind is nn.Identity:
+        return lambda x, tensors: x
+    if kind is nn.Linear:
+        return lambda x, tensors: F.linear(x, tensors[weight])
+    if kind in _CONV:
+        return lambda x, tensors: module._conv_forward(x, tensors[weight], None)
+    if kind in _CONV_TRANSPOSE:
+        conv_t, m = _CONV_TRANSPOSE[kind], module
+        args = (m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+        return lambda x, tensors: conv_t(x, tensors[weight], None, *args)
+    if kind in _BATCHNORM and module.running_var is not None:
+        var, affine, eps = prefix + "running_var", module.affine, module.eps
+
+        def batchnorm(x: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
+            module._check_input_dim(x)
+            scale = (tensors[var] + eps).rsqrt()
+            if affine:
+                scale = scale * tensors[weight]
+            return x * scale.view(1, -1, *[1] * (x.dim() - 2))
+
+        return batchnorm
+    if kind is nn.Sequential:
+        parts = [linear_part(child, f"{prefix}{name}.") for name, child in module.named_children()]
+        if any(part is None for part in parts):
+            return None
+
+        def chain(x: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
+            for part in parts:
+                x = part(x, tensors)
+            return x
+
+        return chain
+    return None
 
 
 def _float_dtype(op: Op, dtype: torch.dtype | None) -> torch.dtype:
@@ -136,7 +216,9 @@ class ImplicitLinear:
                 self._tensors[name] = t
         elif overrides:
             raise ValueError("overrides need op to be an nn.Module")
+        self._part = linear_part(op) if isinstance(op, nn.Module) else None
         self._bias: Tensor | None = None
+        self._output_shape: tuple[int, ...] | None = None
         if check_affine:
             self.check_affine(atol)
 
@@ -166,27 +248,30 @@ class ImplicitLinear:
     @property
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one output, without the batch dimension."""
-        return tuple(self.bias.shape[1:])
+        if self._output_shape is None:
+            with torch.no_grad():
+                self._output_shape = tuple(self.apply(self.zeros(1)).shape[1:])
+        return self._output_shape
 
     @property
     def out_features(self) -> int:
         """Number of outputs (the matrix's row count)."""
         return math.prod(self.output_shape)
 
-    def _call(self, x: Tensor) -> Tensor:
+    def _call(self, x: Tensor, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
         try:
-            return self._call_unchecked(x)
+            return self._call_unchecked(x, self._tensors if tensors is None else tensors)
         except (RuntimeError, IndexError) as err:
             shape = ", ".join(map(str, self.input_shape))
             raise ValueError(
                 f"op cannot take inputs of shape (batch, {shape}) (input_shape={self.input_shape}): {err}"
             ) from err
 
-    def _call_unchecked(self, x: Tensor) -> Tensor:
-        if self._tensors is not None:
+    def _call_unchecked(self, x: Tensor, tensors: Mapping[str, Tensor] | None) -> Tensor:
+        if tensors is not None:
             assert isinstance(self.op, nn.Module)
             with eval_mode(self.op):
-                out = torch.func.functional_call(self.op, self._tensors, (x,))
+                out = torch.func.functional_call(self.op, tensors, (x,))
         else:
             out = self.op(x)
         if not isinstance(out, Tensor):
@@ -199,6 +284,81 @@ class ImplicitLinear:
         if not out.is_floating_point():
             raise TypeError(f"op must return a floating point tensor, got {out.dtype}")
         return out.to(self.dtype)
+
+    @property
+    def live(self) -> bool:
+        """Whether the operator reads the module's current parameters and buffers themselves (views, not copies).
+
+        Then in-place updates of the weights (an optimizer step, a clip) are seen by the next product and the
+        operator can be kept across training steps. ``False`` when the module holds another dtype than the
+        compute dtype (the operator holds converted copies), after a parameter was replaced or moved, with
+        overrides, and for plain callables.
+
+        Example:
+            >>> lin = nn.Linear(3, 2)
+            >>> A = ImplicitLinear(lin, (3,))
+            >>> A.live, ImplicitLinear(lin.double(), (3,), dtype=torch.float32).live
+            (True, False)
+        """
+        if not isinstance(self.op, nn.Module) or self._tensors is None:
+            return False
+        current = dict((*self.op.named_parameters(), *self.op.named_buffers()))
+        if current.keys() != self._tensors.keys():
+            return False
+        return all(
+            t.data_ptr() == current[name].data_ptr()
+            and t.dtype == current[name].dtype
+            and t.shape == current[name].shape
+            and t.device == current[name].device
+            for name, t in self._tensors.items()
+            if t.is_floating_point()
+        )
+
+    @property
+    def tensors(self) -> Mapping[str, Tensor]:
+        """The module's parameters and buffers as the operator uses them (compute dtype, detached, overrides
+        applied), by name; empty for a plain callable."""
+        return self._tensors or {}
+
+    def apply(self, x: Tensor, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``A x`` for a batch, differentiable (the caller decides about autograd).
+
+        Standard layers (see :func:`linear_part`) are applied in closed form without their bias; any other
+        op is run on ``x`` and on a zero input in one batch (samples do not interact in eval mode) and the
+        two are subtracted.
+
+        Args:
+            x: inputs of shape ``(B, *input_shape)`` in the compute dtype, on the operator's device.
+            tensors: tensors to use instead of :attr:`tensors` (e.g. a different weight: ``A`` is linear in
+                the weight of a conv, which the clipping solver uses); modules only.
+
+        Returns:
+            Tensor: ``A x`` of shape ``(B, *output_shape)``.
+
+        Example:
+            >>> conv = nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular")
+            >>> A = ImplicitLinear(conv, (2, 8))
+            >>> x = torch.randn(4, 2, 8)
+            >>> torch.allclose(A.apply(x), conv(x) - conv(torch.zeros(1, 2, 8)), atol=1e-6)
+            True
+        """
+        tensors = self._tensors if tensors is None else tensors
+        if self._part is not None:
+            try:
+                return self._part(x, tensors)
+            except (RuntimeError, IndexError, ValueError) as err:
+                shape = ", ".join(map(str, self.input_shape))
+                raise ValueError(
+                    f"op cannot take inputs of shape (batch, {shape}) (input_shape={self.input_shape}): {err}"
+                ) from err
+        if tensors is not self._tensors:
+            out = self._call(torch.cat([x, self.zeros(1)]), tensors)
+            return out[:-1] - out[-1:]
+        if self._bias is None:  # op(0) rides along in the same batch
+            out = self._call(torch.cat([x, self.zeros(1)]))
+            self._bias = out[-1:].detach()
+            return out[:-1] - self._bias
+        return self._call(x) - self._bias
 
     def matvec(self, x: Tensor) -> Tensor:
         """Apply ``A`` to a batch: ``op(x) − op(0)``.
@@ -216,7 +376,7 @@ class ImplicitLinear:
             True
         """
         with torch.no_grad():
-            return self._call(x.to(self.device, self.dtype)) - self.bias
+            return self.apply(x.to(self.device, self.dtype))
 
     def rmatvec(self, y: Tensor) -> Tensor:
         """Apply ``Aᵀ`` to a batch of output-shaped tensors (a vector-Jacobian product).
@@ -237,7 +397,7 @@ class ImplicitLinear:
         with torch.inference_mode(False), torch.enable_grad():
             y = y.to(self.device, self.dtype).clone()
             x = self.zeros(y.shape[0]).requires_grad_(True)
-            (g,) = torch.autograd.grad(self._call(x), x, grad_outputs=y)
+            (g,) = torch.autograd.grad(self.apply(x), x, grad_outputs=y)
         return g
 
     def gram(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,13 +416,8 @@ class ImplicitLinear:
             True
         """
         with torch.inference_mode(False), torch.enable_grad():
-            x = x.detach().to(self.device, self.dtype).clone().requires_grad_(True)
-            if self._bias is None:  # op(0) rides along in the same batch (samples do not interact in eval mode)
-                out = self._call(torch.cat([x, self.zeros(1)]))
-                y = out[:-1] - out[-1:]
-                self._bias = out[-1:].detach()
-            else:
-                y = self._call(x) - self._bias
+            x = x.detach().to(self.device, self.dtype).clone().requires_grad_(True)  # clone: x may be an inference one
+            y = self.apply(x)
             (g,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
         return g, y.detach()
 

@@ -90,13 +90,12 @@ def _random(A: ImplicitLinear, k: int, seed: int) -> Tensor:
 
 def _init_block(A: ImplicitLinear, k: int, init: Tensor | None, seed: int) -> Tensor:
     """``(n, k)`` starting block: the given vectors (if any), topped up with seeded random ones."""
-    cols = []
-    if init is not None:
-        cols.append(init.detach().to(A.device, A.dtype).reshape(-1, A.in_features).T)
-    have = sum(c.shape[1] for c in cols)
-    if have < k:
-        cols.append(_random(A, k - have, seed))
-    return torch.cat(cols, dim=1)
+    if init is None:
+        return _random(A, k, seed)
+    given = init.detach().to(A.device, A.dtype).reshape(-1, A.in_features).T
+    if given.shape[1] >= k:
+        return given
+    return torch.cat([given, _random(A, k - given.shape[1], seed)], dim=1)
 
 
 def _krylov(
@@ -110,16 +109,17 @@ def _krylov(
     """
     n = A.in_features
     drop = 1e3 * torch.finfo(A.dtype).eps
+    tiny = torch.finfo(A.dtype).tiny
     basis_size = min(basis_size, n)
     block = min(block, n)
     keep = min(max(k + block, basis_size // 2), basis_size - block) if basis_size > k + block else k
     V = torch.empty((basis_size, n), dtype=A.dtype, device=A.device)  # one basis vector per row
     H = torch.zeros((basis_size, basis_size), dtype=torch.float64)
     m = 0
-    empty = V[:0]
-    P = _orthonormalize(_init_block(A, block, init, seed).T, empty, drop)
+    P = _orthonormalize(_init_block(A, block, init, seed).T, V[:0], drop)
     matvecs = iters = 0
     converged = False
+    # Ritz pairs of H in ascending order (eigh's): the largest values are the last columns.
     theta = torch.zeros(0, dtype=torch.float64)
     S = torch.zeros((0, 0), dtype=torch.float64)
     res = torch.full((k,), math.inf, dtype=torch.float64)
@@ -129,18 +129,18 @@ def _krylov(
             converged = m >= k
             break
         if m + p > basis_size:  # thick restart on the best Ritz vectors: H becomes diagonal
-            V[:keep] = S[:, :keep].T.to(A.device, A.dtype) @ V[:m]
+            V[:keep] = S[:, m - keep :].T.to(A.device, A.dtype) @ V[:m]
             H.zero_()
-            H[:keep, :keep] = torch.diag(theta[:keep])
+            H[:keep, :keep] = torch.diag(theta[m - keep :])
             m = keep
         V[m : m + p] = P
         W, _ = A.gram(P.reshape(p, *A.input_shape))
         W = W.reshape(p, n)
-        size = W.norm(dim=1)
         matvecs += p
         iters += 1
         basis = V[: m + p]
         coeffs = W @ basis.T
+        size = W.norm(dim=1)
         W = W - coeffs @ basis
         again = W @ basis.T
         W = W - again @ basis
@@ -148,23 +148,30 @@ def _krylov(
         H[m : m + p, : m + p] = column
         H[: m + p, m : m + p] = column.T
         m += p
-        theta, S = torch.linalg.eigh((H[:m, :m] + H[:m, :m].T) / 2)
-        theta, S = theta.flip(0), S.flip(1)
-        if p == 1:
-            beta = W.norm()
-            Q, R = W / beta.clamp_min(torch.finfo(A.dtype).tiny), beta.reshape(1, 1)
+        theta, S = torch.linalg.eigh(H[:m, :m])  # H is symmetric: eigh reads one triangle
+        top = max(float(theta[-1]), 1e-300)
+        if p == 1:  # no QR, and the scalars stay on the host
+            beta = float(W.norm())
+            last = S[m - 1, max(m - k, 0) :].flip(0)
+            res = last.abs() * (beta / top)
+            alive = beta > 10 * torch.finfo(A.dtype).eps * float(size)
+            Q = W / max(beta, tiny)
         else:
             Q, R = torch.linalg.qr(W.T)
             Q = Q.T
-        res = (R.double().cpu() @ S[m - p : m]).norm(dim=0) / max(float(theta[0]), 1e-300)
-        if m >= k and bool((res[:k] <= tol).all()):
+            res = (R.double().cpu() @ S[m - p : m, max(m - k, 0) :].flip(1)).norm(dim=0) / top
+            alive = R.diagonal().abs() > 10 * torch.finfo(A.dtype).eps * size.clamp_min(tiny)
+        if m >= k and bool((res <= tol).all()):
             converged = True
             break
         # The next block is the remainder; directions it lost to rounding (the space is nearly invariant
         # there) are dropped rather than normalized into non-orthogonal noise.
-        alive = R.diagonal().abs() > 10 * torch.finfo(A.dtype).eps * size.clamp_min(torch.finfo(A.dtype).tiny)
-        P = Q if bool(alive.all()) else _orthonormalize(Q[alive], V[:m], drop)
+        if p == 1:
+            P = Q if alive else Q[:0]
+        else:
+            P = Q if bool(alive.all()) else _orthonormalize(Q[alive], V[:m], drop)
     w = min(k, m)
+    theta, S = theta.flip(0), S.flip(1)
     vecs = S[:, :w].T.to(A.device, A.dtype) @ V[:m]
     return theta[:w].clamp_min(0).sqrt(), vecs, res[:w].clone(), matvecs, iters, converged
 
