@@ -3,12 +3,15 @@
 The paper's schedule: a warm-up of the spectrum solver once, one warm-started iteration per optimizer step,
 a clip every 100 steps (and one at the end of training). ResNet-18 for 32×32 inputs on synthetic data, every
 Conv and the final Linear selected (21 layers). All runs share one process, the same data, the same initial
-weights and the same number of steps; the baseline is timed before and after the others and its mean is the
-denominator. On a shared machine that ratio moves by several percent from run to run, so the time spent inside
-the callback's hooks is also measured in the same fit: "ratio within the run" is fit time / (fit time − callback
-time), the overhead free of the drift between runs.
+weights and the same number of steps. The baseline (no callback) runs first and again after every round of the
+methods (``--repeats`` rounds); each method's fit is divided by the mean of the two baseline fits around it, and
+the median of these paired ratios over the rounds is reported. On a shared machine a single ratio moves by
+several percent from run to run, so the time spent inside the callback's hooks is also measured in the same
+fit: "ratio within the run" is fit time / (fit time − callback time), the overhead free of the drift between
+runs.
 
     python experiments/bench_overhead.py                      # CPU: width 16, 300 steps
+    python experiments/bench_overhead.py --width 16 --batch-size 128 --steps 200 --methods fastclip --repeats 3
     python experiments/bench_overhead.py --device cuda --width 64 --batch-size 128 --steps 600
 """
 
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--extra-track-every", type=int, default=0, help="also time fastclip with track_every_n_steps=N (0: off)"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds of (every method, then the baseline); medians are reported"
+    )
     parser.add_argument("--out", type=Path, default=Path("reports/bench_overhead.md"))
     args = parser.parse_args(argv)
 
@@ -134,15 +140,26 @@ def main(argv: list[str] | None = None) -> str:
     state = ResNet18(width=args.width).state_dict()
     _fit(argparse.Namespace(**{**vars(args), "steps": 5}), "fastclip", state, loader)  # warm caches and kernels
 
-    baseline = [_fit(args, None, state, loader)[0]]
-    times, spent, nets = {}, {}, {}
-    for method in args.methods:
-        times[method], spent[method], nets[method] = _fit(args, method, state, loader)
+    runs: list[tuple[str, int]] = [(method, 1) for method in args.methods]
     if args.extra_track_every:
-        extra = f"fastclip, track every {args.extra_track_every} steps"
-        times[extra], spent[extra], nets[extra] = _fit(args, "fastclip", state, loader, args.extra_track_every)
-    baseline.append(_fit(args, None, state, loader)[0])
-    base = statistics.mean(baseline)
+        runs.append((f"fastclip, track every {args.extra_track_every} steps", args.extra_track_every))
+    # Baseline, then every method, then the baseline again, `repeats` times: each method's fit is compared with
+    # the mean of the two baseline fits around it, the nearest in time, and the median over repeats is reported.
+    baseline = [_fit(args, None, state, loader)[0]]
+    times: dict[str, list[float]] = {name: [] for name, _ in runs}
+    spent: dict[str, list[float]] = {name: [] for name, _ in runs}
+    paired: dict[str, list[float]] = {name: [] for name, _ in runs}
+    nets: dict[str, nn.Module] = {}
+    for _ in range(args.repeats):
+        for name, every in runs:
+            method = "fastclip" if every > 1 else name
+            fit, inside, nets[name] = _fit(args, method, state, loader, every)
+            times[name].append(fit)
+            spent[name].append(inside)
+        baseline.append(_fit(args, None, state, loader)[0])
+        for name in times:
+            paired[name].append(times[name][-1] / statistics.mean(baseline[-2:]))
+    base = statistics.median(baseline)
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     lines = [
@@ -154,14 +171,18 @@ def main(argv: list[str] | None = None) -> str:
         "| method | fit time (s) | ratio to no callback | time in the callback (s) | ratio within the run |"
         + (" max σ after |" if args.measure else ""),
         "|---|---|---|---|---|" + ("---|" if args.measure else ""),
-        f"| no callback | {base:.1f} (runs: {', '.join(f'{t:.1f}' for t in baseline)}) | 1.00 | – | 1.00 |"
+        f"| no callback | {base:.1f} (runs: {', '.join(f'{t:.1f}' for t in baseline)}) | 1.000 | – | 1.000 |"
         + (" |" if args.measure else ""),
     ]
     example = torch.rand(1, 3, 32, 32)
     for method in times:
         name = f"{method} (track only)" if method == "none" else method
-        within = times[method] / (times[method] - spent[method])
-        row = f"| {name} | {times[method]:.1f} | {times[method] / base:.3f} | {spent[method]:.1f} | {within:.3f} |"
+        fit, inside = statistics.median(times[method]), statistics.median(spent[method])
+        within = statistics.median(t / (t - c) for t, c in zip(times[method], spent[method], strict=True))
+        ratio = statistics.median(paired[method])
+        fits = "" if args.repeats == 1 else f" (runs: {', '.join(f'{t:.1f}' for t in times[method])})"
+        ratios = "" if args.repeats == 1 else f" (runs: {', '.join(f'{r:.3f}' for r in paired[method])})"
+        row = f"| {name} | {fit:.1f}{fits} | {ratio:.3f}{ratios} | {inside:.1f} | {within:.3f} |"
         if args.measure:
             norms = spectral_norms(nets[method].cpu().float(), example)["layers"]
             row += f" {max(norms.values()):.3f} |"

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_overhead.py"
 
 
@@ -27,3 +29,21 @@ def test_tiny_overhead_benchmark_reports_every_method(tmp_path: Path) -> None:
         assert within > 1 and ratio > 0
     assert float(rows["fastclip"][-1]) <= 1.0 * 1.02  # clipped at steps 2 and 4: every layer within 2% of 1
     assert float(rows["none (track only)"][-1]) > 1.02  # the same weights unclipped are above it
+
+
+def test_repeated_rounds_report_medians_of_paired_ratios(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_overhead"] = bench
+    spec.loader.exec_module(bench)
+    args = ["--width", "4", "--batch-size", "8", "--steps", "3", "--methods", "none", "--repeats", "2"]
+    table = bench.main([*args, "--out", str(tmp_path / "overhead.md")])
+    row = next(r for r in table.splitlines() if r.startswith("| none"))
+    _, fits, ratios, *_ = (cell.strip() for cell in row.strip("|").split("|"))
+    runs = [float(v) for v in fits.split("runs: ")[1].rstrip(")").split(", ")]
+    paired = [float(v) for v in ratios.split("runs: ")[1].rstrip(")").split(", ")]
+    assert len(runs) == len(paired) == 2
+    assert float(ratios.split()[0]) == pytest.approx(sum(paired) / 2, abs=1e-3)  # the median of two
+    baseline = next(r for r in table.splitlines() if r.startswith("| no callback"))
+    assert baseline.count(",") == 2  # three baseline fits: before, and after each round
