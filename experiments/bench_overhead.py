@@ -143,15 +143,16 @@ def main(argv: list[str] | None = None) -> str:
     runs: list[tuple[str, int]] = [(method, 1) for method in args.methods]
     if args.extra_track_every:
         runs.append((f"fastclip, track every {args.extra_track_every} steps", args.extra_track_every))
-    # Baseline, then every method, then the baseline again, `repeats` times: each method's fit is compared with
-    # the mean of the two baseline fits around it, the nearest in time, and the median over repeats is reported.
+    # Baseline, then every method (in a rotated order), then the baseline again, `repeats` times: each method's
+    # fit is compared with the mean of the two baseline fits around it, and the median over repeats is reported.
     baseline = [_fit(args, None, state, loader)[0]]
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
     spent: dict[str, list[float]] = {name: [] for name, _ in runs}
     paired: dict[str, list[float]] = {name: [] for name, _ in runs}
     nets: dict[str, nn.Module] = {}
-    for _ in range(args.repeats):
-        for name, every in runs:
+    for round_ in range(args.repeats):
+        shift = round_ % len(runs)  # rotate the order: no method is always the first after the baseline
+        for name, every in runs[shift:] + runs[:shift]:
             method = "fastclip" if every > 1 else name
             fit, inside, nets[name] = _fit(args, method, state, loader, every)
             times[name].append(fit)

@@ -5,18 +5,24 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_overhead.py"
 
 
-def test_tiny_overhead_benchmark_reports_every_method(tmp_path: Path) -> None:
+def _load_bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_overhead", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_overhead"] = bench
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_tiny_overhead_benchmark_reports_every_method(tmp_path: Path) -> None:
+    bench = _load_bench()
     out = tmp_path / "overhead.md"
     args = ["--width", "4", "--batch-size", "8", "--steps", "4", "--every-n-steps", "2", "--measure"]
     table = bench.main([*args, "--out", str(out)])
@@ -32,11 +38,7 @@ def test_tiny_overhead_benchmark_reports_every_method(tmp_path: Path) -> None:
 
 
 def test_repeated_rounds_report_medians_of_paired_ratios(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_overhead"] = bench
-    spec.loader.exec_module(bench)
+    bench = _load_bench()
     args = ["--width", "4", "--batch-size", "8", "--steps", "3", "--methods", "none", "--repeats", "2"]
     table = bench.main([*args, "--out", str(tmp_path / "overhead.md")])
     row = next(r for r in table.splitlines() if r.startswith("| none"))
