@@ -31,7 +31,7 @@ def test_tiny_overhead_benchmark_reports_every_method(tmp_path: Path) -> None:
     assert set(rows) >= {"no callback", "fastclip", "gouk", "miyato", "none (track only)"}
     for name in ("fastclip", "gouk", "miyato", "none (track only)"):
         fit, ratio, in_callback, within, max_sigma = (float(v) for v in rows[name][1:])
-        assert 0 < in_callback < fit  # the hooks' time is part of the fit time
+        assert 0 < in_callback <= fit  # the hooks' time is part of the fit time (both rounded to 0.1 s)
         assert within > 1 and ratio > 0
     assert float(rows["fastclip"][-1]) <= 1.0 * 1.02  # clipped at steps 2 and 4: every layer within 2% of 1
     assert float(rows["none (track only)"][-1]) > 1.02  # the same weights unclipped are above it
