@@ -286,18 +286,14 @@ def _median_over_seeds(
     seconds, products, settings = [], [], []
     for seed in range(seeds):
         tol, _ = _loosest(lambda t, seed=seed: run_once(t, seed), tols, truth)
-        if math.isnan(tol):
-            seconds.append(math.nan)
-            continue
+        if math.isnan(tol):  # a seed that never got there: no median to report
+            return {"seconds": math.nan, "error": math.nan, "products": None, "setting": f"not reached (seed {seed})"}
         (_, count), secs = _timed(lambda tol=tol, seed=seed: run_once(tol, seed), repeats)
         seconds.append(secs)
         products.append(count)
         settings.append(f"{tol:g}")
-    reached = [x for x in seconds if not math.isnan(x)]
-    if len(reached) < seeds:  # a seed that never got there: no median to report
-        return {"seconds": math.nan, "error": math.nan, "products": None, "setting": "not reached for every seed"}
     return {
-        "seconds": statistics.median(reached),
+        "seconds": statistics.median(seconds),
         "error": math.nan,
         "products": int(statistics.median(products)),
         "setting": f"tol={'/'.join(dict.fromkeys(settings))}; products per seed {products}",

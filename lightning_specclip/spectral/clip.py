@@ -269,15 +269,15 @@ def _clip_iterative(
     # Every measurement stops at a residual ‖AᵀA v − σ²v‖ ≤ tol·σ₁²: its σ is then within tol/2 of a singular
     # value (in practice far closer: the error of a Ritz value is about the squared residual over the gap),
     # and the decisions below leave a margin of tol/4 on the target, so what is written is within tol.
-    def measure(start: Tensor | None, round_seed: int, k: int, tol_: float, extra_: int) -> Spectrum:
-        return spectrum(A, k=k, init=start, block_size=k + extra_, tol=tol_, seed=round_seed)
+    def measure(start: Tensor | None, round_seed: int, k: int, extra_: int) -> Spectrum:
+        return spectrum(A, k=k, init=start, block_size=k + extra_, tol=tol, seed=round_seed)
 
     # A warm start needs no random vectors beside it here: the cold final measurement below decides what is
     # written, and a warm "already below the target" is confirmed cold before the weights are left alone.
     warm = init is not None
-    current = measure(init, seed, block, tol, 0 if warm else extra)
+    current = measure(init, seed, block, 0 if warm else extra)
     if mode == "clip" and warm and current.sigma <= target * (1 + tol / 4):
-        current = measure(None, seed, block, tol, extra)
+        current = measure(None, seed, block, extra)
     before = current.sigma
     if mode == "set" and before == 0.0:
         raise ValueError("the layer's linear map is zero: its spectral norm cannot be set")
@@ -301,9 +301,9 @@ def _clip_iterative(
         fresh = rounds < max_rounds
         if not fresh:  # the last round: the final check below measures its result
             break
-        current = measure(current.right, seed + rounds, block, tol, 0)  # direction finding: the final check decides
+        current = measure(current.right, seed + rounds, block, 0)  # direction finding: the final check decides
     # A cold start (random vectors only) for the final measurement: a warm start can miss a new top.
-    final = measure(None, seed + rounds + 1, 1, tol, extra)
+    final = measure(None, seed + rounds + 1, 1, extra)
     if fresh and current.sigma > final.sigma:
         final = current
     # The map is linear in the weight: scaling it lands σ₁ on the target from either side, and scales the

@@ -24,8 +24,11 @@ Op = nn.Module | Callable[[Tensor], Tensor]
 LinearPart = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d}
-_CONV_TRANSPOSE[nn.ConvTranspose3d] = F.conv_transpose3d
+_CONV_TRANSPOSE = {
+    nn.ConvTranspose1d: F.conv_transpose1d,
+    nn.ConvTranspose2d: F.conv_transpose2d,
+    nn.ConvTranspose3d: F.conv_transpose3d,
+}
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -258,14 +261,15 @@ class ImplicitLinear:
         """Number of outputs (the matrix's row count)."""
         return math.prod(self.output_shape)
 
+    def _shape_error(self, err: Exception) -> ValueError:
+        shape = ", ".join(map(str, self.input_shape))
+        return ValueError(f"op cannot take inputs of shape (batch, {shape}) (input_shape={self.input_shape}): {err}")
+
     def _call(self, x: Tensor, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
         try:
             return self._call_unchecked(x, self._tensors if tensors is None else tensors)
         except (RuntimeError, IndexError) as err:
-            shape = ", ".join(map(str, self.input_shape))
-            raise ValueError(
-                f"op cannot take inputs of shape (batch, {shape}) (input_shape={self.input_shape}): {err}"
-            ) from err
+            raise self._shape_error(err) from err
 
     def _call_unchecked(self, x: Tensor, tensors: Mapping[str, Tensor] | None) -> Tensor:
         if tensors is not None:
@@ -347,18 +351,14 @@ class ImplicitLinear:
             try:
                 return self._part(x, tensors)
             except (RuntimeError, IndexError, ValueError) as err:
-                shape = ", ".join(map(str, self.input_shape))
-                raise ValueError(
-                    f"op cannot take inputs of shape (batch, {shape}) (input_shape={self.input_shape}): {err}"
-                ) from err
-        if tensors is not self._tensors:
-            out = self._call(torch.cat([x, self.zeros(1)]), tensors)
-            return out[:-1] - out[-1:]
-        if self._bias is None:  # op(0) rides along in the same batch
-            out = self._call(torch.cat([x, self.zeros(1)]))
+                raise self._shape_error(err) from err
+        own = tensors is self._tensors
+        if own and self._bias is not None:
+            return self._call(x) - self._bias
+        out = self._call(torch.cat([x, self.zeros(1)]), tensors)  # op(0) rides along in the same batch
+        if own:  # op(0) of the operator's own tensors does not change: keep it
             self._bias = out[-1:].detach()
-            return out[:-1] - self._bias
-        return self._call(x) - self._bias
+        return out[:-1] - out[-1:]
 
     def matvec(self, x: Tensor) -> Tensor:
         """Apply ``A`` to a batch: ``op(x) − op(0)``.
