@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lightning_specclip import ImplicitLinear
 from lightning_specclip.spectral import eval_mode
 from lightning_specclip.spectral.exact import dense_matrix
-from lightning_specclip.spectral.operator import linear_part
+from lightning_specclip.spectral.operator import linear_adjoint, linear_part
 
 
 def _bn(bn: nn.Module) -> nn.Module:
@@ -40,6 +40,21 @@ KINDS: dict[str, tuple[Callable[[], nn.Module | Callable[[Tensor], Tensor]], tup
     "bn1d": (lambda: _bn(nn.BatchNorm1d(6)), (6,)),
     "bn2d": (lambda: _bn(nn.BatchNorm2d(3)), (3, 4, 4)),
     "conv_bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _bn(nn.BatchNorm2d(4))), (3, 5, 5)),
+    "conv2d_stride2_odd": (lambda: nn.Conv2d(3, 4, 4, padding=1, stride=2), (3, 7, 6)),
+    "conv1d_dilation_valid": (lambda: nn.Conv1d(2, 3, 3, dilation=2, padding="valid"), (2, 11)),
+    "conv2d_same": (lambda: nn.Conv2d(2, 3, 3, padding="same"), (2, 5, 5)),
+    "convT1d_dilation_wide_output_padding": (
+        lambda: nn.ConvTranspose1d(2, 3, 3, stride=1, dilation=2, output_padding=1),
+        (2, 6),
+    ),
+    "linear_on_sequences": (lambda: nn.Linear(4, 3), (5, 4)),
+    "conv_chain": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Identity(), nn.ConvTranspose2d(3, 2, 2, stride=2)
+        ),
+        (2, 6, 6),
+    ),
+    "conv_linear_chain": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.Linear(4, 2)), (2, 6)),
     "function": (lambda: lambda x: 3 * x.flip(-1) + 1, (4, 5)),
 }
 
@@ -216,6 +231,30 @@ def test_repr_names_the_op_and_shapes() -> None:
 
 
 CLOSED_FORM = [name for name in KINDS if name != "function"]
+# the padding modes and forms whose adjoint is left to autograd
+AUTOGRAD_ADJOINT = {
+    "conv1d_circular",
+    "conv2d_reflect_stride2",
+    "conv2d_replicate_dilation2",
+    "conv2d_same",
+    "convT1d_dilation_wide_output_padding",
+}
+
+
+@pytest.mark.parametrize("name", CLOSED_FORM)
+def test_closed_form_adjoints_agree_with_autograd(name: str) -> None:
+    op, shape = _build(name)
+    part, adjoint = linear_part(op), linear_adjoint(op)
+    assert part is not None
+    assert (adjoint is None) == (name in AUTOGRAD_ADJOINT)
+    if adjoint is None:
+        return
+    tensors = {n: t.detach().double() for n, t in (*op.named_parameters(), *op.named_buffers())}
+    x = torch.randn(3, *shape, dtype=torch.float64, requires_grad=True)
+    y = part(x, tensors)
+    w = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, grad_outputs=w)
+    torch.testing.assert_close(adjoint(w, tensors, shape), expected)
 
 
 @pytest.mark.parametrize("name", CLOSED_FORM)

@@ -2,8 +2,9 @@
 
 A layer ``f`` that is affine in its input (``Linear``, any convolution, BatchNorm with running statistics,
 conv followed by BatchNorm, ...) is ``f(x) = A x + b``. :class:`ImplicitLinear` exposes ``A`` through
-``A x = f(x) - f(0)`` and ``Aᵀ y`` through autograd, for inputs of one fixed shape (the matrix of a
-convolution depends on the input size, padding and stride, so the shape is part of the operator).
+``A x = f(x) - f(0)`` and ``Aᵀ y`` through autograd (in closed form for standard layers), for inputs of one
+fixed shape (the matrix of a convolution depends on the input size, padding and stride, so the shape is part
+of the operator).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-__all__ = ["ImplicitLinear", "LinearPart", "eval_mode", "linear_part"]
+__all__ = ["ImplicitLinear", "LinearAdjoint", "LinearPart", "eval_mode", "linear_adjoint", "linear_part"]
 
 Op = nn.Module | Callable[[Tensor], Tensor]
 # x ↦ A x of a module, computed from a mapping of its parameter and buffer names to the tensors to use
 LinearPart = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
+# y ↦ Aᵀ y, from the same mapping and the shape of one input of A (without the batch dimension)
+LinearAdjoint = Callable[[Tensor, Mapping[str, Tensor], tuple[int, ...]], Tensor]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = {
@@ -128,6 +131,85 @@ def linear_part(module: nn.Module, prefix: str = "") -> LinearPart | None:
     return None
 
 
+def linear_adjoint(module: nn.Module, prefix: str = "") -> LinearAdjoint | None:
+    """The adjoint ``y ↦ Aᵀ y`` of :func:`linear_part`, in closed form: no autograd graph, no backward pass.
+
+    A convolution's adjoint is the kernel autograd would run for its input gradient
+    (``aten.convolution_backward``), a transposed convolution's is the plain convolution, ``Linear``'s is the
+    product with the weight, BatchNorm's is itself; a ``Sequential`` runs its children's adjoints in reverse.
+    Covered: what :func:`linear_part` covers, except convolutions whose padding is not zeros or is given as
+    ``"same"``, and transposed convolutions whose ``output_padding`` is not below the stride; for these (and
+    anything else) the result is ``None`` and the caller differentiates :func:`linear_part` instead.
+
+    Args:
+        module: the module.
+        prefix: prefix of the module's tensor names in the mapping the returned function receives.
+
+    Returns:
+        LinearAdjoint | None: ``f(y, tensors, input_shape)`` computing ``Aᵀ y`` for a batch ``y`` of outputs,
+        where ``input_shape`` is the shape of one input of ``A``; or ``None``.
+
+    Example:
+        >>> conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        >>> tensors = dict(conv.named_parameters())
+        >>> y = torch.randn(1, 3, 4, 4)
+        >>> x = torch.randn(1, 2, 8, 8)
+        >>> Aty = linear_adjoint(conv)(y, tensors, (2, 8, 8))
+        >>> torch.allclose((Aty * x).sum(), (y * linear_part(conv)(x, tensors)).sum(), atol=1e-4)
+        True
+    """
+    part = linear_part(module, prefix)
+    if part is None:
+        return None
+    kind = type(module)
+    weight = prefix + "weight"
+    if kind is nn.Identity or kind in _BATCHNORM:  # diagonal maps are their own adjoints
+        return lambda y, tensors, shape: part(y, tensors)
+    if kind is nn.Linear:
+        return lambda y, tensors, shape: y @ tensors[weight]
+    if kind in _CONV:
+        m = module
+        if m.padding_mode != "zeros" or m.padding == "same":
+            return None
+        dims = len(m.kernel_size)
+        padding = (0,) * dims if m.padding == "valid" else m.padding
+        args = (m.stride, padding, m.dilation, False, (0,) * dims, m.groups, (True, False, False))
+
+        def conv_adjoint(y: Tensor, tensors: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+            x = y.new_empty(1).expand(y.shape[0], *shape)  # only its shape is read
+            return torch.ops.aten.convolution_backward(y, x, tensors[weight], None, *args)[0]
+
+        return conv_adjoint
+    if kind in _CONV_TRANSPOSE:
+        m = module
+        if any(op >= s for op, s in zip(m.output_padding, m.stride, strict=True)):
+            return None  # the plain convolution would produce more positions than the input has
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(m.kernel_size) - 1]
+        return lambda y, tensors, shape: conv(y, tensors[weight], None, m.stride, m.padding, m.dilation, m.groups)
+    # A Sequential: the children's adjoints in reverse, each given the shape of its own input.
+    children = [
+        (linear_part(child, f"{prefix}{name}."), linear_adjoint(child, f"{prefix}{name}."))
+        for name, child in module.named_children()
+    ]
+    if any(adjoint is None for _, adjoint in children):
+        return None
+    shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # input shape -> the input shape of every child
+
+    def chain_adjoint(y: Tensor, tensors: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
+        if shape not in shapes:
+            x, inputs = torch.zeros((1, *shape), dtype=y.dtype, device=y.device), []
+            with torch.no_grad():
+                for forward, _ in children:
+                    inputs.append(tuple(x.shape[1:]))
+                    x = forward(x, tensors)
+            shapes[shape] = inputs
+        for (_, adjoint), child_shape in zip(reversed(children), reversed(shapes[shape]), strict=True):
+            y = adjoint(y, tensors, child_shape)
+        return y
+
+    return chain_adjoint
+
+
 def _float_dtype(op: Op, dtype: torch.dtype | None) -> torch.dtype:
     if dtype is not None:
         if not dtype.is_floating_point:
@@ -220,6 +302,7 @@ class ImplicitLinear:
         elif overrides:
             raise ValueError("overrides need op to be an nn.Module")
         self._part = linear_part(op) if isinstance(op, nn.Module) else None
+        self._adjoint = linear_adjoint(op) if isinstance(op, nn.Module) else None
         self._bias: Tensor | None = None
         self._output_shape: tuple[int, ...] | None = None
         if check_affine:
@@ -393,6 +476,12 @@ class ImplicitLinear:
             >>> torch.allclose(A.rmatvec(torch.eye(2)), lin.weight)
             True
         """
+        if self._adjoint is not None:  # standard layers: the adjoint in closed form
+            if tuple(y.shape[1:]) != self.output_shape:
+                shape = ", ".join(map(str, self.output_shape))
+                raise ValueError(f"Aᵀ takes outputs of shape (batch, {shape}); got {tuple(y.shape)}")
+            with torch.no_grad():
+                return self._adjoint(y.to(self.device, self.dtype), self.tensors, self.input_shape)
         # inference_mode(False): autograd must work even inside Lightning's validation/test loops.
         with torch.inference_mode(False), torch.enable_grad():
             y = y.to(self.device, self.dtype).clone()
@@ -415,6 +504,12 @@ class ImplicitLinear:
             >>> torch.allclose(g, lin.weight.T @ lin.weight, atol=1e-6)
             True
         """
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise self._shape_error(ValueError(f"AᵀA got a batch of shape {tuple(x.shape)}"))
+        if self._adjoint is not None:  # standard layers: the adjoint in closed form, no autograd graph
+            with torch.no_grad():
+                y = self.apply(x.to(self.device, self.dtype))
+                return self._adjoint(y, self.tensors, self.input_shape), y
         with torch.inference_mode(False), torch.enable_grad():
             x = x.detach().to(self.device, self.dtype).clone().requires_grad_(True)  # clone: x may be an inference one
             y = self.apply(x)
