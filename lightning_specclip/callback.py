@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_specclip.methods import METHODS, ClipMethod
 from lightning_specclip.spectral.operator import ImplicitLinear
+from lightning_specclip.spectral.power import PowerStep
 from lightning_specclip.spectral.spectrum import Spectrum, spectrum
 from lightning_specclip.targets import InputShapeRecorder, Selector, Target, find_conv_bn_pairs, select_modules
 
@@ -160,6 +161,7 @@ class SpectralClipCallback(Callback):
         self.targets: list[Target] = []
         self._states: dict[str, _State] = {}
         self._operators: dict[str, ImplicitLinear] = {}  # per-step operators, kept while they see the weights
+        self._power: PowerStep | None = None  # the per-step update of the standard layers (a CUDA graph on GPUs)
         self._recorder: InputShapeRecorder | None = None
         self._last_step = -1
 
@@ -258,8 +260,7 @@ class SpectralClipCallback(Callback):
         self._last_step = step
         clip_now = self._clip_due(step)
         if clip_now or step % self.track_every_n_steps == 0:
-            for t in self.targets:
-                self._track(t)
+            self._track_all()
         if clip_now:
             self._clip_all(trainer)
         every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -299,8 +300,7 @@ class SpectralClipCallback(Callback):
         # Nothing to do if the scheduled clip of this very step already ran (no optimizer step since).
         already = self._last_step == step and self._clip_due(step)
         if self.clip_on_train_end and step > 0 and not already:
-            for t in self.targets:
-                self._track(t)
+            self._track_all()
             self._clip_all(trainer)
         rank_zero_info(self.summary())
 
@@ -323,10 +323,35 @@ class SpectralClipCallback(Callback):
             self._operators[target.name] = A
         return A
 
+    def _warm(self, target: Target) -> bool:
+        right = self._states[target.name].right
+        return right is not None and right.shape[1:] == target.input_shape
+
+    def _track_all(self) -> None:
+        """The per-step update of every target; one power step each for the warm single-vector standard layers
+        together (:class:`~lightning_specclip.spectral.PowerStep`: one CUDA graph replay on GPUs)."""
+        together: list[tuple[Target, ImplicitLinear]] = []
+        for t in self.targets:
+            A = self._operator(t) if self._warm(t) and self._k(t) == 1 else None
+            if A is not None and A.closed_form and A.live:
+                together.append((t, A))
+            else:
+                self._track(t)
+        if not together:
+            return
+        operators = [A for _, A in together]
+        if self._power is None or self._power.operators != operators:  # by identity: an operator was rebuilt
+            self._power = PowerStep(operators)
+        values, vectors = self._power([self._states[t.name].right for t, _ in together])
+        for (t, _), value, vector in zip(together, values, vectors, strict=True):
+            state = self._states[t.name]
+            state.right, state.values = vector, value
+            self.method.step(t, state.method)
+
     def _track(self, target: Target, *, converge: bool = False) -> None:
         state = self._states[target.name]
         k = self._k(target)
-        warm = state.right is not None and state.right.shape[1:] == target.input_shape
+        warm = self._warm(target)
         if warm and not converge:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
             result = spectrum(
                 self._operator(target),
@@ -471,10 +496,14 @@ class SpectralClipCallback(Callback):
         Returns:
             dict[str, Any]: the callback state.
         """
+
+        def copy(t: Tensor | None) -> Tensor | None:  # the per-step update overwrites its vectors in place
+            return None if t is None else t.clone()
+
         return {
             "last_step": self._last_step,
             "targets": {
-                name: {"right": s.right, "values": s.values, "clips": s.clips, "method": dict(s.method)}
+                name: {"right": copy(s.right), "values": copy(s.values), "clips": s.clips, "method": dict(s.method)}
                 for name, s in self._states.items()
             },
         }

@@ -402,6 +402,19 @@ class ImplicitLinear:
         )
 
     @property
+    def closed_form(self) -> bool:
+        """Whether ``A`` and ``Aᵀ`` run in closed form (:func:`linear_part`, :func:`linear_adjoint`): no call of
+        the module, no autograd graph.
+
+        Example:
+            >>> ImplicitLinear(nn.Conv2d(2, 3, 3), (2, 8, 8)).closed_form
+            True
+            >>> ImplicitLinear(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (2, 8, 8)).closed_form
+            False
+        """
+        return self._adjoint is not None
+
+    @property
     def tensors(self) -> Mapping[str, Tensor]:
         """The module's parameters and buffers as the operator uses them (compute dtype, detached, overrides
         applied), by name; empty for a plain callable."""

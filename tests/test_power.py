@@ -1,0 +1,79 @@
+"""``PowerStep``: the per-step power update of many layers at once (eager here; the CUDA graph in test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_specclip import ImplicitLinear, spectrum
+from lightning_specclip.spectral import PowerStep
+from lightning_specclip.spectral.exact import dense_singular_values
+
+LAYERS = [
+    (lambda: nn.Linear(9, 5), (9,)),
+    (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), (2, 7, 7)),
+    (lambda: nn.ConvTranspose1d(3, 2, 4, stride=2, padding=1), (3, 6)),
+    (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3).eval()), (2, 6, 6)),
+]
+
+
+def _layers() -> list[tuple[nn.Module, tuple[int, ...]]]:
+    torch.manual_seed(0)
+    return [(factory(), shape) for factory, shape in LAYERS]
+
+
+def test_one_step_is_the_subspace_iteration_of_spectrum() -> None:
+    layers = _layers()
+    operators = [ImplicitLinear(m, shape) for m, shape in layers]
+    starts = [torch.randn(1, *shape) for _, shape in layers]
+    starts = [v / v.norm() for v in starts]
+    values, vectors = PowerStep(operators)(starts)
+    for A, v, value, vector in zip(operators, starts, values, vectors, strict=True):
+        s = spectrum(A, method="subspace", init=v, max_iters=1, left=False)
+        torch.testing.assert_close(value, s.values, rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(vector, s.right, rtol=1e-4, atol=1e-6)
+        assert vector.norm().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_repeated_steps_converge_to_the_ground_truth_and_follow_in_place_updates() -> None:
+    layers = _layers()
+    step = PowerStep([ImplicitLinear(m, shape) for m, shape in layers])
+    vectors = [torch.randn(1, *shape) for _, shape in layers]  # not unit: the quotient does not need it
+    for _ in range(400):
+        values, vectors = step(vectors)
+    for (m, shape), value in zip(layers, values, strict=True):
+        assert value.item() == pytest.approx(dense_singular_values(m, shape)[0].item(), rel=1e-3)
+    with torch.no_grad():  # what an optimizer step or a clip does to a weight
+        layers[1][0].weight.mul_(0.5)
+    for _ in range(2):
+        values, vectors = step(vectors)
+    assert values[1].item() == pytest.approx(dense_singular_values(*layers[1])[0].item(), rel=1e-3)
+
+
+def test_returned_vectors_are_the_buffers_and_other_vectors_are_copied_in() -> None:
+    lin = nn.Linear(4, 3)
+    step = PowerStep([ImplicitLinear(lin, (4,))])
+    v = torch.randn(1, 4)
+    kept = v.clone()
+    _, (out,) = step([v])
+    assert torch.equal(v, kept)  # the caller's tensor is left alone
+    _, (again,) = step([out])
+    assert again is out
+
+
+def test_bad_input_is_refused() -> None:
+    circular = ImplicitLinear(nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular"), (1, 8))
+    with pytest.raises(ValueError, match="closed form"):
+        PowerStep([circular])
+    with pytest.raises(ValueError, match="at least one"):
+        PowerStep([])
+    lin = ImplicitLinear(nn.Linear(4, 3), (4,))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            PowerStep([lin], graph=True)
+    step = PowerStep([lin])
+    with pytest.raises(ValueError, match="one vector per operator"):
+        step([])
+    with pytest.raises(ValueError, match="5 values"):
+        step([torch.randn(1, 5)])
