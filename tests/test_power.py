@@ -77,3 +77,21 @@ def test_bad_input_is_refused() -> None:
         step([])
     with pytest.raises(ValueError, match="5 values"):
         step([torch.randn(1, 5)])
+
+
+def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    lin = nn.Linear(5, 3)
+    step = PowerStep([ImplicitLinear(lin, (5,))])
+    v = torch.randn(1, 5)
+    expected_values, expected_vectors = PowerStep([ImplicitLinear(lin, (5,))])([v])
+
+    def fail() -> None:
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(step, "_capture", fail)
+    step.graph = True  # as on a GPU
+    with pytest.warns(UserWarning, match="capture refused"):
+        values, vectors = step([v])
+    assert not step.graph
+    torch.testing.assert_close(values, expected_values)
+    torch.testing.assert_close(vectors, expected_vectors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,8 +24,8 @@ class PowerStep:
     bottleneck, not the device. On a CUDA device the steps of all the operators are therefore captured once
     as a CUDA graph and replayed: one launch per training step instead of about ten per layer. The graph
     reads the weights where they are stored, so in-place updates (optimizer steps, clips) are seen; an
-    operator that is no longer :attr:`~ImplicitLinear.live` needs a new ``PowerStep``. Elsewhere the same
-    steps run eagerly.
+    operator that is no longer :attr:`~ImplicitLinear.live` needs a new ``PowerStep``. Elsewhere, or if the
+    capture fails (with a warning), the same steps run eagerly.
 
     Args:
         operators: operators with a closed form (:attr:`ImplicitLinear.closed_form`), all on one device.
@@ -86,12 +87,18 @@ class PowerStep:
                     if v.numel() != buffer.numel():
                         raise ValueError(f"a vector of {v.numel()} values for an operator of {buffer.numel()} inputs")
                     buffer.copy_(v.reshape(buffer.shape))
-            if not self.graph:
-                self._run()
-            else:
-                if self._graph is None:
+            if self.graph and self._graph is None:
+                try:
                     self._graph = self._capture()
+                except RuntimeError as err:
+                    warnings.warn(
+                        f"PowerStep: a CUDA graph could not be captured ({err}); running eagerly", stacklevel=2
+                    )
+                    self.graph = False
+            if self._graph is not None:
                 self._graph.replay()
+            else:
+                self._run()
         return list(self.values), list(self.vectors)
 
     def _run(self) -> None:
@@ -105,14 +112,17 @@ class PowerStep:
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         saved = [x.clone() for x in self.vectors]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._run()  # once outside the capture: cuDNN chooses its algorithms and workspaces here
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._run()
-        for x, v in zip(self.vectors, saved, strict=True):  # the warm-up step must not count
-            x.copy_(v)
+        try:
+            with torch.cuda.device(self.device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._run()  # once outside the capture: cuDNN chooses its algorithms and workspaces here
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._run()
+        finally:
+            for x, v in zip(self.vectors, saved, strict=True):  # the warm-up step must not count
+                x.copy_(v)
         return graph
