@@ -6,7 +6,7 @@ PyTorch; :class:`SpectralClipCallback` brings it to a Lightning ``Trainer``.
 
 from lightning_specclip.callback import SpectralClipCallback
 from lightning_specclip.methods import METHODS, ClipMethod
-from lightning_specclip.spectral import ImplicitLinear, Spectrum, spectrum
+from lightning_specclip.spectral import ImplicitLinear, PowerStep, Spectrum, spectrum
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ClipMethod",
     "ClipResult",
     "ImplicitLinear",
+    "PowerStep",
     "SpectralClipCallback",
     "Spectrum",
     "clip_spectral_norm_",

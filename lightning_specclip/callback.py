@@ -315,13 +315,19 @@ class SpectralClipCallback(Callback):
     def _k(self, target: Target) -> int:
         return min(self.k, math.prod(target.input_shape) - 1)
 
-    def _operator(self, target: Target) -> ImplicitLinear:
-        """The target's operator, kept across steps while it reads the live weights (float32 models)."""
+    def _operator(self, target: Target) -> tuple[ImplicitLinear, bool]:
+        """The target's operator and whether it reads the live weights; only such a one is kept across steps
+        (in float32 models; other dtypes are read through converted copies, made anew each time)."""
         A = self._operators.get(target.name)
-        if A is None or not A.live:
-            A = ImplicitLinear(target.module, target.input_shape, check_affine=False)
+        if A is not None and A.live:
+            return A, True
+        A = ImplicitLinear(target.module, target.input_shape, check_affine=False)
+        live = A.live
+        if live:
             self._operators[target.name] = A
-        return A
+        else:
+            self._operators.pop(target.name, None)
+        return A, live
 
     def _warm(self, target: Target) -> bool:
         right = self._states[target.name].right
@@ -332,8 +338,8 @@ class SpectralClipCallback(Callback):
         together (:class:`~lightning_specclip.spectral.PowerStep`: one CUDA graph replay on GPUs)."""
         together: list[tuple[Target, ImplicitLinear]] = []
         for t in self.targets:
-            A = self._operator(t) if self._warm(t) and self._k(t) == 1 else None
-            if A is not None and A.closed_form and A.live:
+            A, live = self._operator(t) if self._warm(t) and self._k(t) == 1 else (None, False)
+            if A is not None and live and A.closed_form:
                 together.append((t, A))
             else:
                 self._track(t)
@@ -354,7 +360,7 @@ class SpectralClipCallback(Callback):
         warm = self._warm(target)
         if warm and not converge:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
             result = spectrum(
-                self._operator(target),
+                self._operator(target)[0],
                 k=k,
                 method="subspace",
                 init=state.right,
