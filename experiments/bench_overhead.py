@@ -12,6 +12,7 @@ runs.
 
     python experiments/bench_overhead.py                      # CPU: width 16, 300 steps
     python experiments/bench_overhead.py --width 16 --batch-size 128 --steps 200 --methods fastclip --repeats 3
+    python experiments/bench_overhead.py --width 16 --batch-size 128 --steps 200 --methods fastclip --rusage
     python experiments/bench_overhead.py --device cuda --width 64 --batch-size 128 --steps 600
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -70,6 +72,9 @@ def _time_hooks(callback: pl.Callback, spent: list[float]) -> None:
         setattr(callback, hook, timed)
 
 
+USAGE: dict[str, list[tuple[float, float, int]]] = {}  # per method: CPU user s, CPU sys s, minor page faults
+
+
 def _fit(
     args: argparse.Namespace, method: str | None, state: dict, loader: DataLoader, track_every: int = 1
 ) -> tuple[float, float, nn.Module]:
@@ -102,11 +107,19 @@ def _fit(
     model = _Classifier(net)
     if args.device == "cuda":
         torch.cuda.synchronize()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     trainer.fit(model, loader)
     if args.device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, spent[0], net
+    fit = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    usage = (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
+    name = method or "no callback"
+    if track_every > 1:
+        name += f", track every {track_every} steps"
+    USAGE.setdefault(name, []).append(usage)
+    return fit, spent[0], net
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -133,6 +146,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--repeats", type=int, default=1, help="rounds of (every method, then the baseline); medians are reported"
     )
+    parser.add_argument(
+        "--rusage", action="store_true", help="also report the process's CPU time and page faults per fit (medians)"
+    )
     parser.add_argument("--out", type=Path, default=Path("reports/bench_overhead.md"))
     args = parser.parse_args(argv)
 
@@ -141,6 +157,7 @@ def main(argv: list[str] | None = None) -> str:
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
     state = ResNet18(width=args.width).state_dict()
     _fit(argparse.Namespace(**{**vars(args), "steps": 5}), "fastclip", state, loader)  # warm caches and kernels
+    USAGE.clear()
 
     runs: list[tuple[str, int]] = [(method, 1) for method in args.methods]
     if args.extra_track_every:
@@ -190,6 +207,11 @@ def main(argv: list[str] | None = None) -> str:
             norms = spectral_norms(nets[method].cpu().float(), example)["layers"]
             row += f" {max(norms.values()):.3f} |"
         lines.append(row)
+    if args.rusage:  # CPU time of all threads and minor page faults of the whole process, per fit
+        lines += ["", "| method | CPU user (s) | CPU sys (s) | minor page faults |", "|---|---|---|---|"]
+        for method, usage in USAGE.items():
+            user, sys_, faults = (statistics.median(u[i] for u in usage) for i in range(3))
+            lines.append(f"| {method} | {user:.1f} | {sys_:.1f} | {faults:,.0f} |")
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -331,3 +331,11 @@ def test_a_live_operator_sees_in_place_updates_and_knows_when_it_goes_stale() ->
     assert not A.live
     assert not ImplicitLinear(nn.Linear(3, 2).double(), (3,), dtype=torch.float32).live  # a converted copy
     assert not ImplicitLinear(lambda t: 2 * t, (3,)).live
+
+
+def test_products_refuse_batches_of_the_wrong_shape() -> None:
+    A = ImplicitLinear(nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5))
+    with pytest.raises(ValueError, match=r"AᵀA got a batch of shape \(1, 2, 6, 6\)"):
+        A.gram(torch.randn(1, 2, 6, 6))  # a convolution would run on it, for another operator
+    with pytest.raises(ValueError, match=r"Aᵀ takes outputs of shape \(batch, 3, 5, 5\)"):
+        A.rmatvec(torch.randn(1, 3, 4, 4))
