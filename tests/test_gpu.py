@@ -12,7 +12,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_callback import Classifier, loader, scaled, small_cnn
+from test_callback import Classifier, loader, scaled, small_cnn, trainer
 from torch import nn
 
 from lightning_specclip import ImplicitLinear, SpectralClipCallback, clip_spectral_norm_, spectrum
@@ -31,15 +31,7 @@ LAYERS = {
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return trainer(accelerator="gpu", deterministic=False, **kwargs)
 
 
 def _cpu_sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
