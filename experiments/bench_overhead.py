@@ -72,12 +72,11 @@ def _time_hooks(callback: pl.Callback, spent: list[float]) -> None:
         setattr(callback, hook, timed)
 
 
-USAGE: dict[str, list[tuple[float, float, int]]] = {}  # per method: CPU user s, CPU sys s, minor page faults
-
-
 def _fit(
     args: argparse.Namespace, method: str | None, state: dict, loader: DataLoader, track_every: int = 1
-) -> tuple[float, float, nn.Module]:
+) -> tuple[float, float, nn.Module, tuple[float, float, int]]:
+    """Fit time, time in the callback's hooks, the trained network, and (CPU user s, CPU sys s, minor page faults)
+    of the process during the fit."""
     net = ResNet18(width=args.width)
     net.load_state_dict(state)
     callbacks = []
@@ -115,11 +114,7 @@ def _fit(
     fit = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     usage = (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
-    name = method or "no callback"
-    if track_every > 1:
-        name += f", track every {track_every} steps"
-    USAGE.setdefault(name, []).append(usage)
-    return fit, spent[0], net
+    return fit, spent[0], net, usage
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -157,14 +152,20 @@ def main(argv: list[str] | None = None) -> str:
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
     state = ResNet18(width=args.width).state_dict()
     _fit(argparse.Namespace(**{**vars(args), "steps": 5}), "fastclip", state, loader)  # warm caches and kernels
-    USAGE.clear()
 
     runs: list[tuple[str, int]] = [(method, 1) for method in args.methods]
     if args.extra_track_every:
         runs.append((f"fastclip, track every {args.extra_track_every} steps", args.extra_track_every))
     # Baseline, then every method (in a rotated order), then the baseline again, `repeats` times: each method's
     # fit is compared with the mean of the two baseline fits around it, and the median over repeats is reported.
-    baseline = [_fit(args, None, state, loader)[0]]
+    usage: dict[str, list[tuple[float, float, int]]] = {"no callback": [], **{name: [] for name, _ in runs}}
+
+    def fit_baseline() -> float:
+        fit, _, _, used = _fit(args, None, state, loader)
+        usage["no callback"].append(used)
+        return fit
+
+    baseline = [fit_baseline()]
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
     spent: dict[str, list[float]] = {name: [] for name, _ in runs}
     paired: dict[str, list[float]] = {name: [] for name, _ in runs}
@@ -173,10 +174,11 @@ def main(argv: list[str] | None = None) -> str:
         shift = round_ % len(runs)  # rotate the order: no method is always the first after the baseline
         for name, every in runs[shift:] + runs[:shift]:
             method = "fastclip" if every > 1 else name
-            fit, inside, nets[name] = _fit(args, method, state, loader, every)
+            fit, inside, nets[name], used = _fit(args, method, state, loader, every)
             times[name].append(fit)
             spent[name].append(inside)
-        baseline.append(_fit(args, None, state, loader)[0])
+            usage[name].append(used)
+        baseline.append(fit_baseline())
         for name in times:
             paired[name].append(times[name][-1] / statistics.mean(baseline[-2:]))
     base = statistics.median(baseline)
@@ -209,8 +211,8 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(row)
     if args.rusage:  # CPU time of all threads and minor page faults of the whole process, per fit
         lines += ["", "| method | CPU user (s) | CPU sys (s) | minor page faults |", "|---|---|---|---|"]
-        for method, usage in USAGE.items():
-            user, sys_, faults = (statistics.median(u[i] for u in usage) for i in range(3))
+        for method, used in usage.items():
+            user, sys_, faults = (statistics.median(u[i] for u in used) for i in range(3))
             lines.append(f"| {method} | {user:.1f} | {sys_:.1f} | {faults:,.0f} |")
     table = "\n".join(lines)
     print(table)

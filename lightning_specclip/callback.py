@@ -342,7 +342,7 @@ class SpectralClipCallback(Callback):
             if A is not None and live and A.closed_form:
                 together.append((t, A))
             else:
-                self._track(t)
+                self._track(t, operator=A)
         if not together:
             return
         operators = [A for _, A in together]
@@ -354,13 +354,13 @@ class SpectralClipCallback(Callback):
             state.right, state.values = vector, value
             self.method.step(t, state.method)
 
-    def _track(self, target: Target, *, converge: bool = False) -> None:
+    def _track(self, target: Target, *, converge: bool = False, operator: ImplicitLinear | None = None) -> None:
         state = self._states[target.name]
         k = self._k(target)
         warm = self._warm(target)
         if warm and not converge:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
             result = spectrum(
-                self._operator(target)[0],
+                operator if operator is not None else self._operator(target)[0],
                 k=k,
                 method="subspace",
                 init=state.right,
