@@ -50,7 +50,15 @@ class _Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-HOOKS = ("setup", "on_train_start", "on_train_batch_end", "on_before_optimizer_step", "on_train_end")
+HOOKS = (
+    "setup",
+    "on_train_start",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_optimizer_step",
+    "on_save_checkpoint",
+    "on_train_end",
+)
 
 
 def _time_hooks(callback: pl.Callback, spent: list[float]) -> None:

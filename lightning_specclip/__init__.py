@@ -7,16 +7,18 @@ PyTorch; :class:`SpectralClipCallback` brings it to a Lightning ``Trainer``.
 from lightning_specclip.callback import SpectralClipCallback
 from lightning_specclip.methods import METHODS, ClipMethod
 from lightning_specclip.spectral import ImplicitLinear, PowerStep, Spectrum, spectrum
-from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
+from lightning_specclip.spectral.clip import ClipResult, NotLinearInWeightError, check_clippable, clip_spectral_norm_
 
 __all__ = [
     "METHODS",
     "ClipMethod",
     "ClipResult",
     "ImplicitLinear",
+    "NotLinearInWeightError",
     "PowerStep",
     "SpectralClipCallback",
     "Spectrum",
+    "check_clippable",
     "clip_spectral_norm_",
     "spectrum",
 ]

@@ -46,9 +46,16 @@ class Target:
     input_shape: tuple[int, ...] | None = None
 
 
+def _ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` → ``["a.b.c", "a.b", "a"]``: the module and the containers holding it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 def _matches(name: str, module: nn.Module, selector: Selector) -> bool:
+    """A type matches instances; a glob matches the module's name or the name of a container holding it."""
     if isinstance(selector, str):
-        return fnmatch.fnmatchcase(name, selector)
+        return any(fnmatch.fnmatchcase(n, selector) for n in _ancestors(name))
     return isinstance(module, selector)
 
 
@@ -56,6 +63,11 @@ def select_modules(
     model: nn.Module, modules: Sequence[Selector] | None = None, exclude: Sequence[Selector] = ()
 ) -> list[tuple[str, nn.Module]]:
     """Named submodules chosen by type and/or name glob, minus the excluded ones.
+
+    A type selects its instances, whatever they are. A name glob selects the *layers* among the modules it
+    names and the modules inside them: ``Linear``, ``Conv*d`` and ``ConvTranspose*d`` (so ``"disc.*"`` or
+    ``"disc"`` picks the discriminator's layers, not its activations or containers). An excluding glob
+    leaves out the modules it names and everything inside them.
 
     Args:
         model: the model.
@@ -74,6 +86,8 @@ def select_modules(
         >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
         >>> [name for name, _ in select_modules(model, exclude=["3"])]
         ['0']
+        >>> [name for name, _ in select_modules(model, modules=["*"])]  # layers only, not ReLU or Flatten
+        ['0', '3']
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     for group, selectors in (("modules", modules or ()), ("exclude", exclude)):
@@ -86,14 +100,21 @@ def select_modules(
             if not isinstance(s, str) and not (isinstance(s, type) and issubclass(s, nn.Module)):
                 raise ValueError(f"{group} entries must be module types or name patterns (str), got {s!r}")
     chosen = modules or DEFAULT_TYPES
+
+    def chosen_by(name: str, module: nn.Module, selector: Selector) -> bool:
+        if isinstance(selector, str):
+            return isinstance(module, DEFAULT_TYPES) and _matches(name, module, selector)
+        return isinstance(module, selector)
+
     selected = [
         (n, m)
         for n, m in named
-        if any(_matches(n, m, s) for s in chosen) and not any(_matches(n, m, s) for s in exclude)
+        if any(chosen_by(n, m, s) for s in chosen) and not any(_matches(n, m, s) for s in exclude)
     ]
     if not selected:
         raise ValueError(
-            f"no module selected by modules={list(chosen)} exclude={list(exclude)}; available names: "
+            f"no layer selected by modules={list(chosen)} exclude={list(exclude)} (name patterns select "
+            f"Linear, Conv*d and ConvTranspose*d layers); available names: "
             f"{', '.join(f'{n} ({type(m).__name__})' for n, m in named)}"
         )
     return selected
@@ -156,33 +177,48 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 class InputShapeRecorder:
-    """Record the per-sample input shape of modules on their forward calls, until :meth:`remove`.
+    """Record the per-sample input shapes of modules on their forward calls, until :meth:`remove`.
 
     Args:
         modules: ``(name, module)`` pairs to watch.
 
     Attributes:
-        shapes: ``name → input shape without the batch dimension`` of every module seen so far (the first
-            call of each wins).
+        all_shapes: ``name → every distinct input shape without the batch dimension``, in the order first
+            seen (a layer run at several input sizes, as in multi-scale features, has several).
+        shapes: ``name → the first of them``.
 
     Example:
         >>> conv = nn.Conv2d(1, 2, 3)
         >>> with InputShapeRecorder([("conv", conv)]) as recorder:
         ...     _ = conv(torch.zeros(5, 1, 8, 8))
-        >>> recorder.shapes
-        {'conv': (1, 8, 8)}
+        ...     _ = conv(torch.zeros(5, 1, 16, 16))
+        >>> recorder.shapes, recorder.all_shapes
+        ({'conv': (1, 8, 8)}, {'conv': [(1, 8, 8), (1, 16, 16)]})
     """
 
     def __init__(self, modules: Iterable[tuple[str, nn.Module]]) -> None:
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.all_shapes: dict[str, list[tuple[int, ...]]] = {}
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in modules]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``name → the first input shape seen``."""
+        return {name: shapes[0] for name, shapes in self.all_shapes.items()}
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_module: nn.Module, args: tuple) -> None:
-            if name not in self.shapes and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-                self.shapes[name] = tuple(args[0].shape[1:])
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+                shape = tuple(args[0].shape[1:])
+                seen = self.all_shapes.setdefault(name, [])
+                if shape not in seen:
+                    seen.append(shape)
 
         return hook
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still registered."""
+        return bool(self._handles)
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""

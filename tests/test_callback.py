@@ -144,7 +144,7 @@ def test_acts_only_after_optimizer_steps_with_accumulation():
     original = callback._track_all
     callback._track_all = lambda: (calls.append(callback._last_step), original())
     trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[callback]).fit(Classifier(small_cnn()), loader(n=64))
-    assert calls == [1, 2, 3, 3]  # after each of 3 optimizer steps (not 6 batches), and at the end of training
+    assert calls == [1, 2, 3]  # after each of 3 optimizer steps (not 6 batches); step 3 is also the final clip
     assert all(state.values is not None for state in callback._states.values())
 
 
@@ -160,12 +160,16 @@ def test_track_every_n_steps_skips_updates():
 
 
 def test_no_second_clip_at_train_end_when_the_last_step_just_clipped():
-    callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=5)
-    trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(small_cnn(), 3.0)), loader())
-    assert callback._states["net.0"].clips == 2  # steps 2 and 4; the end of training (step 4) adds none
-    callback = SpectralClipCallback(1.0, every_n_steps=3, warmup_iters=5)
-    trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(small_cnn(), 3.0)), loader())
-    assert callback._states["net.0"].clips == 2  # step 3 and the end of training
+    def clip_steps(every_n_steps: int) -> list[int]:
+        steps = []
+        callback = SpectralClipCallback(1.0, every_n_steps=every_n_steps, warmup_iters=5)
+        original = callback._clip_all
+        callback._clip_all = lambda trainer: (steps.append(trainer.global_step), original(trainer))
+        trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(small_cnn(), 3.0)), loader())
+        return steps
+
+    assert clip_steps(2) == [2, 4]  # the end of training (step 4) adds none
+    assert clip_steps(3) == [3, 4]  # step 3, and the last step
 
 
 def test_models_nobody_here_wrote():
@@ -184,16 +188,19 @@ def test_layer_never_called_is_skipped_with_warning():
     class Unused(nn.Module):
         def __init__(self):
             super().__init__()
-            self.used = nn.Linear(64, 10)
-            self.unused = nn.Linear(64, 10)
+            self.used = nn.Conv2d(1, 2, 3)
+            self.unused = nn.Conv2d(1, 2, 3)
+            self.head = nn.Linear(72, 10)
+            self.unused_head = nn.Linear(72, 10)
 
         def forward(self, x):
-            return self.used(x.flatten(1))
+            return self.head(self.used(x).flatten(1))
 
     callback = SpectralClipCallback(1.0, every_n_steps=1, warmup_iters=5)
-    with pytest.warns(UserWarning, match="did not run"):
+    with pytest.warns(UserWarning, match=r"\['net.unused'\] did not run"):
         trainer(max_steps=1, callbacks=[callback]).fit(Classifier(Unused()), loader())
-    assert [t.name for t in callback.targets] == ["net.used"]
+    # a conv's map depends on its input size, which only a forward tells; a Linear's does not
+    assert [t.name for t in callback.targets] == ["net.used", "net.head", "net.unused_head"]
 
 
 class Crash(pl.Callback):
@@ -233,7 +240,7 @@ def test_crash_and_resume_matches_uninterrupted_run(tmp_path):
     (ckpt,) = (tmp_path / "crash").glob("*.ckpt")  # the end of epoch 1 (step 4)
     state = torch.load(ckpt, weights_only=False)
     assert state["global_step"] == 4
-    assert state["callbacks"]["SpectralClipCallback"]["last_step"] == 4
+    assert state["callbacks"][SpectralClipCallback(0.9).state_key]["last_step"] == 4
     resumed, callback = _fit_for_resume(tmp_path / "resume", ckpt=str(ckpt))
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -558,11 +558,6 @@ def test_tighter_tol_lands_closer() -> None:
     assert result.converged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="clip.py bug: an operator with a single input dimension (Conv2d(1, 1, 1) on a 1×1 input) fails in "
-    "spectrum() with 'k must be an integer with 1 <= k < 1': block = max(1, min(block_size, in_features - 1))",
-)
 def test_one_dimensional_operator() -> None:
     conv = nn.Conv2d(1, 1, 1)
     with torch.no_grad():

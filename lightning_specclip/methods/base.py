@@ -2,14 +2,75 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from torch import Tensor
 
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
+from lightning_specclip.spectral.spectrum import spectrum
 from lightning_specclip.targets import Target
 
-__all__ = ["ClipMethod", "NoClip"]
+__all__ = ["ClipMethod", "NoClip", "measured_result"]
+
+
+def measured_result(
+    target: Target,
+    value: float,
+    before: float,
+    estimate: float,
+    changed: bool,
+    init: Tensor | None = None,
+    *,
+    tol: float = 1e-2,
+) -> ClipResult:
+    """The :class:`~lightning_specclip.ClipResult` of a method's clip, with ``after`` measured on the written weights.
+
+    A method's own estimate (Gouk's power iteration through a zero-padded convolution, Miyato's reshaped kernel,
+    the circular surrogate of the FFT clip) is not the layer's spectral norm. This measures the layer as it
+    now is with :func:`~lightning_specclip.spectrum` (Krylov, on the layer at its input shape, warm-started
+    from ``init``; residual ``1e-4``, so ``σ₁`` is accurate to about ``5e-5`` relative at worst) and reports
+    that as ``after`` and its spectrum as ``spectrum`` (so the callback need not measure again); the method's
+    number goes to ``estimate``.
+
+    Args:
+        target: the clipped target, with its input shape.
+        value: the clip value.
+        before: the method's estimate before the clip (it decided whether the method wrote).
+        estimate: the method's own estimate after the clip.
+        changed: whether the method wrote the weights.
+        init: vectors to warm-start from, ``(j, *input_shape)`` (e.g. the callback's tracked ones); ``j``
+            vectors are measured (one when ``None`` or of another shape).
+        tol: relative tolerance of ``converged`` (``after ≤ value·(1 + tol)``).
+
+    Returns:
+        ClipResult: ``rounds=1`` if ``changed`` else 0, ``converged`` from the measured ``after``.
+
+    Example:
+        >>> import torch
+        >>> from lightning_specclip.targets import Target
+        >>> lin = torch.nn.Linear(4, 3)
+        >>> t = Target("lin", "layer", lin, lin, input_shape=(4,))
+        >>> r = measured_result(t, 10.0, 0.9, 0.9, False)
+        >>> r.changed, abs(r.after - torch.linalg.matrix_norm(lin.weight.double(), 2).item()) < 1e-4
+        (False, True)
+    """
+    shape = tuple(target.input_shape)
+    if init is not None and tuple(init.shape[1:]) != shape:
+        init = None
+    k = 1 if init is None else max(1, min(init.shape[0], math.prod(shape)))
+    fresh = spectrum(target.module, shape, k=k, init=None if init is None else init[:k], tol=1e-4, left=False)
+    after = fresh.sigma
+    return ClipResult(
+        before,
+        after,
+        value,
+        1 if changed else 0,
+        after <= value * (1 + tol),
+        spectrum=fresh,
+        changed=changed,
+        estimate=estimate,
+    )
 
 
 class ClipMethod:
@@ -30,6 +91,11 @@ class ClipMethod:
     name: ClassVar[str] = ""
     #: target kinds the method can clip (``"layer"``, ``"composition"``); BatchNorm is handled by all.
     kinds: ClassVar[tuple[str, ...]] = ("layer",)
+    #: whether a clip lands within ``tol`` of the target on every map it supports; the callback then checks
+    #: every map of a clipped layer afterwards and clips again (finally by rescaling) what is still above.
+    exact: ClassVar[bool] = False
+    #: relative tolerance of an exact method's clip
+    tol: float = 1e-2
 
     def supports(self, target: Target) -> bool:
         """Whether the method can act on ``target``.

@@ -39,6 +39,7 @@ class FastClip(ClipMethod):
 
     name: ClassVar[str] = "fastclip"
     kinds: ClassVar[tuple[str, ...]] = ("layer", "composition")
+    exact: ClassVar[bool] = True
 
     def __init__(self, max_rounds: int = 1, block_size: int = 1, tol: float = 1e-2) -> None:
         if max_rounds < 0 or block_size < 1 or not tol > 0:

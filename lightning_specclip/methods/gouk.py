@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_specclip.methods.base import ClipMethod
+from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult
 from lightning_specclip.targets import Target
 
@@ -381,12 +381,14 @@ class Gouk(ClipMethod):
             target: a layer target with its input shape.
             value: the clip value.
             state: holds ``"u"``.
-            init: unused.
+            init: the tracked top right singular vectors: a warm start for measuring the written layer.
 
         Returns:
-            ClipResult: before/after as Gouk's estimate sees them.
+            ClipResult: ``before`` is Gouk's estimate before the clip, ``estimate`` his estimate after it, and
+            ``after`` (with ``spectrum``) the layer's true spectral norm measured on the written weights (for
+            padding other than zeros it can be well above ``value``); ``changed`` whether the weight was divided.
         """
-        before, after, state["u"] = gouk_clip_(
+        before, estimate, state["u"] = gouk_clip_(
             target.module, value, target.input_shape, self.n_iter_clip, state.get("u")
         )
-        return ClipResult(before, after, value, 1, after <= value * 1.01)
+        return measured_result(target, value, before, estimate, before > value, init)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from lightning_specclip.methods.base import ClipMethod
+from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult
 from lightning_specclip.targets import Target
 
@@ -279,10 +279,12 @@ class Miyato(ClipMethod):
             target: a layer target.
             value: the clip value.
             state: holds ``"u"``.
-            init: unused.
+            init: the tracked top right singular vectors: a warm start for measuring the written layer.
 
         Returns:
-            ClipResult: before/after as Miyato's estimate sees them.
+            ClipResult: ``before`` is the reshaped-kernel estimate before the clip, ``estimate`` that estimate
+            after it, and ``after`` (with ``spectrum``) the layer's true spectral norm measured on the written
+            weights (for a convolution typically off the target); ``changed`` whether the weight was divided.
         """
-        before, after, state["u"] = miyato_clip_(target.module, value, self.n_iter_clip, state.get("u"))
-        return ClipResult(before, after, value, 1, after <= value * 1.01)
+        before, estimate, state["u"] = miyato_clip_(target.module, value, self.n_iter_clip, state.get("u"))
+        return measured_result(target, value, before, estimate, before > value, init)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from lightning_specclip.methods.base import ClipMethod
+from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
 from lightning_specclip.spectral.exact import _conv_geometry, circular_frequency_matrices
 from lightning_specclip.targets import Target
@@ -58,7 +58,8 @@ def senderovich_clip_(
     block, every singular value above ``target`` set to ``target``, the inverse FFT back to a kernel of
     full support ``input_size``, and the orthogonal projection (truncation) of that kernel onto the layer's
     ``k_1 × ⋯ × k_d`` (dilated) support. ``conv.weight`` is overwritten in place (same ``Parameter``, via
-    ``copy_``, under ``torch.no_grad()``) in its own dtype; the bias is left alone.
+    ``copy_``, under ``torch.no_grad()``) in its own dtype; the bias is left alone. Nothing is written when
+    ``sigma_before ≤ target`` (the round trip would only add rounding).
 
     When it is exact:
 
@@ -134,6 +135,8 @@ def senderovich_clip_(
         blocks = circular_frequency_matrices(w, n, s, dilation=dil, groups=conv.groups)
         u, sv, vh = torch.linalg.svd(blocks, full_matrices=False)
         sigma_before = float(sv.max())
+        if sigma_before <= target:  # nothing above the target: the kernel is left exactly as it is
+            return sigma_before, sigma_before
         clipped = (u * sv.clamp(max=target).to(u.dtype).unsqueeze(-2)) @ vh
         full = _blocks_to_kernel(clipped, weight.shape[1], n, s)
         for j in range(d):
@@ -184,12 +187,15 @@ class Senderovich(ClipMethod):
             target: a convolution or Linear target with its input shape.
             value: the clip value.
             state: unused.
-            init: unused.
+            init: the tracked top right singular vectors: a warm start for measuring the written layer.
 
         Returns:
-            ClipResult: before/after as the FFT method computes them (the circular surrogate's).
+            ClipResult: for a convolution ``before`` and ``estimate`` are the circular surrogate's norms before
+            and after (the FFT method's own numbers), ``after`` (with ``spectrum``) the layer's true spectral
+            norm measured on the written weights; ``changed`` whether the kernel was written. For ``Linear``:
+            the exact dense clip's result.
         """
         if isinstance(target.module, nn.Linear):
             return clip_spectral_norm_(target.module, value)
-        before, after = senderovich_clip_(target.module, value, target.input_shape[1:])
-        return ClipResult(before, after, value, 1, after <= value * 1.01)
+        before, estimate = senderovich_clip_(target.module, value, target.input_shape[1:])
+        return measured_result(target, value, before, estimate, before > value, init)

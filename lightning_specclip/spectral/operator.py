@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-__all__ = ["ImplicitLinear", "LinearAdjoint", "LinearPart", "eval_mode", "linear_adjoint", "linear_part"]
+__all__ = [
+    "ImplicitLinear",
+    "LinearAdjoint",
+    "LinearPart",
+    "NotLinearInWeightError",
+    "eval_mode",
+    "linear_adjoint",
+    "linear_part",
+]
 
 Op = nn.Module | Callable[[Tensor], Tensor]
 # x ↦ A x of a module, computed from a mapping of its parameter and buffer names to the tensors to use
@@ -33,6 +41,21 @@ _CONV_TRANSPOSE = {
     nn.ConvTranspose3d: F.conv_transpose3d,
 }
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# The rounding noise the linearity probes allow, in units of eps times the norm of the raw outputs involved.
+_NOISE = 32
+
+
+class NotLinearInWeightError(ValueError):
+    """A layer is affine in its input but not linear in the weight a clip would move (so it cannot be clipped).
+
+    Raised by :meth:`ImplicitLinear.check_linear_in`, :func:`~lightning_specclip.spectral.clip.check_clippable`
+    and :func:`~lightning_specclip.spectral.clip.clip_spectral_norm_` (before anything is written), e.g. for a
+    convolution that standardizes its weight in ``forward`` (timm's ``StdConv2d``). Such layers can be tracked.
+
+    Example:
+        >>> issubclass(NotLinearInWeightError, ValueError)
+        True
+    """
 
 
 @contextmanager
@@ -304,6 +327,8 @@ class ImplicitLinear:
         self._part = linear_part(op) if isinstance(op, nn.Module) else None
         self._adjoint = linear_adjoint(op) if isinstance(op, nn.Module) else None
         self._bias: Tensor | None = None
+        # Overrides may be edited in place by the caller (a clip's working weight): op(0) can depend on them.
+        self._cache_bias = not overrides
         self._output_shape: tuple[int, ...] | None = None
         if check_affine:
             self.check_affine(atol)
@@ -325,11 +350,14 @@ class ImplicitLinear:
 
     @property
     def bias(self) -> Tensor:
-        """``op(0)`` as a batch of one, ``(1, *output_shape)`` (computed once, on first use)."""
-        if self._bias is None:
-            with torch.inference_mode(False), torch.no_grad():
-                self._bias = self._call(self.zeros(1))
-        return self._bias
+        """``op(0)`` as a batch of one, ``(1, *output_shape)`` (computed on first use; each time with overrides)."""
+        if self._bias is not None:
+            return self._bias
+        with torch.inference_mode(False), torch.no_grad():
+            bias = self._call(self.zeros(1))
+        if self._cache_bias:
+            self._bias = bias
+        return bias
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -452,7 +480,7 @@ class ImplicitLinear:
         if own and self._bias is not None:
             return self._call(x) - self._bias
         out = self._call(torch.cat([x, self.zeros(1)]), tensors)  # op(0) rides along in the same batch
-        if own:  # op(0) of the operator's own tensors does not change: keep it
+        if own and self._cache_bias:  # op(0) of the operator's own tensors does not change: keep it
             self._bias = out[-1:].detach()
         return out[:-1] - out[-1:]
 
@@ -529,18 +557,33 @@ class ImplicitLinear:
             (g,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
         return g, y.detach()
 
+    def _raw(self, x: Tensor, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+        with torch.inference_mode(False), torch.no_grad():
+            return self._call(x, tensors)
+
+    def _check_tensors_finite(self) -> None:
+        for name, t in self.tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"op's {name} holds non-finite values; it cannot be analysed")
+
     def check_affine(self, atol: float = 1e-3, seed: int = 0) -> None:
         """Probe that ``op`` is affine: additive and homogeneous around ``op(0)`` on random inputs.
 
         The probes ``x, y, x + y, −2x`` run in one batch, so ops that mix the batch (BatchNorm with batch
-        statistics) fail as well.
+        statistics) fail as well. A defect is allowed up to ``atol`` times the size of the linear part plus the
+        rounding noise of the raw outputs it is computed from (``32·eps·‖op(·)‖`` summed over the outputs that
+        enter the probe, ``op(0)`` included): a layer whose bias dwarfs its linear part (tiny weights with an
+        ordinary bias) loses the linear part to cancellation in ``op(x) − op(0)``, which is rounding, not a
+        nonlinearity. Standard layers with a closed form (see :func:`linear_part`) are affine by construction:
+        for them only the finiteness of the tensors and the input shape are checked.
 
         Args:
-            atol: largest allowed defect, relative to the size of the outputs.
+            atol: largest allowed defect, relative to the size of the linear part's outputs.
             seed: seed of the random probes.
 
         Raises:
-            ValueError: a probe failed; the message names it and the relative defect.
+            ValueError: a probe failed (the message names it and the relative defect), or the op returned (or,
+                in closed form, holds) non-finite values.
 
         Example:
             >>> ImplicitLinear(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), (3,), check_affine=False).check_affine()
@@ -548,25 +591,114 @@ class ImplicitLinear:
             ...
             ValueError: op is not affine in its input: ...
         """
+        if self._part is not None:
+            self._check_tensors_finite()
+            _ = self.output_shape  # one product of a zero input: refuses an input shape the layer cannot take
+            return
         gen = torch.Generator(device="cpu").manual_seed(seed)
         x, y = torch.randn((2, *self.input_shape), generator=gen, dtype=self.dtype).to(self.device)
-        with torch.no_grad():
-            out = self._call(torch.stack([x, y, x + y, -2 * x])) - self.bias
-        if not torch.isfinite(out).all():
+        raw = self._raw(torch.stack([x, y, x + y, -2 * x]))
+        zero = self.bias[0]
+        if not (torch.isfinite(raw).all() and torch.isfinite(zero).all()):
             raise ValueError("op returned non-finite values on random inputs; it cannot be analysed")
-        fx, fy, fxy, f2x = out
-        scale = max(fx.norm().item(), fy.norm().item(), 1e-30)
+        rx, ry, rxy, r2x = raw
+        fx, fy, fxy, f2x = raw - zero
+        n = {name: float(t.norm()) for name, t in (("x", rx), ("y", ry), ("xy", rxy), ("2x", r2x), ("0", zero))}
+        scale = max(float(fx.norm()), float(fy.norm()))
+        noise = _NOISE * torch.finfo(self.dtype).eps
         probes = {
-            "op(x+y) − op(0) = (op(x) − op(0)) + (op(y) − op(0))": (fxy - fx - fy).norm().item() / scale,
-            "op(−2x) − op(0) = −2 (op(x) − op(0))": (f2x + 2 * fx).norm().item() / scale,
+            "op(x+y) − op(0) = (op(x) − op(0)) + (op(y) − op(0))": (
+                float((fxy - fx - fy).norm()),
+                noise * (n["xy"] + n["x"] + n["y"] + n["0"]),
+            ),
+            "op(−2x) − op(0) = −2 (op(x) − op(0))": (
+                float((f2x + 2 * fx).norm()),
+                noise * (n["2x"] + 2 * n["x"] + 3 * n["0"]),
+            ),
         }
-        for probe, defect in probes.items():
-            if not defect <= atol:
+        for probe, (defect, floor) in probes.items():
+            if not defect <= atol * scale + floor:
                 raise ValueError(
                     f"op is not affine in its input: the probe {probe} failed on random x, y with relative "
-                    f"defect {defect:.3g} > {atol:g}. Spectra are defined for affine maps only (Linear, "
-                    f"convolutions, BatchNorm with running statistics, their compositions); a nonlinearity "
-                    f"such as ReLU makes the map non-affine. Pass check_affine=False to skip this check."
+                    f"defect {defect / max(scale, 1e-30):.3g} > {atol:g} (rounding allows {floor:.3g} absolute). "
+                    f"Spectra are defined for affine maps only (Linear, convolutions, BatchNorm with running "
+                    f"statistics, their compositions); a nonlinearity such as ReLU makes the map non-affine. Pass "
+                    f"check_affine=False to skip this check."
+                )
+
+    def check_linear_in(self, name: str, atol: float = 1e-3, seed: int = 0) -> None:
+        """Probe that the linear part ``A_W`` is linear in the tensor ``name`` (``W``): ``A_{2W} = 2 A_W`` and
+        ``A_{W+W'} = A_W + A_{W'}`` on random inputs, with a random ``W'`` of the size of ``W``.
+
+        Clipping moves a weight by least squares and by scaling, which is only right when the map is linear in
+        that weight. A layer that transforms its weight before using it (weight standardization, a
+        normalization inside ``forward``) is linear in its input but not in its weight: this probe tells. The
+        tolerance is that of :meth:`check_affine` (``atol`` relative to the outputs of ``A``, plus the rounding
+        noise of the raw outputs they are computed from). Standard layers with a closed form (see
+        :func:`linear_part`) are linear in their weight by construction and are not probed.
+
+        Args:
+            name: the parameter (or buffer) name, e.g. ``"weight"`` or ``"0.weight"``.
+            atol: largest allowed defect, relative to the size of ``A``'s outputs.
+            seed: seed of the random probes.
+
+        Raises:
+            NotLinearInWeightError: a probe failed; the message names the op's class, the tensor and the defect.
+            ValueError: ``name`` is not a floating point tensor of the module, or ``op`` is a plain callable.
+
+        Example:
+            >>> class Standardized(nn.Linear):
+            ...     def forward(self, x):
+            ...         w = self.weight
+            ...         return nn.functional.linear(x, (w - w.mean(1, keepdim=True)) / w.std(1, keepdim=True))
+            >>> ImplicitLinear(nn.Linear(4, 3), (4,)).check_linear_in("weight")
+            >>> ImplicitLinear(Standardized(4, 3), (4,)).check_linear_in("weight")
+            Traceback (most recent call last):
+            ...
+            lightning_specclip.spectral.operator.NotLinearInWeightError: Standardized is not linear in its weight ...
+        """
+        if self._tensors is None:
+            raise ValueError("check_linear_in needs op to be an nn.Module")
+        weight = self._tensors.get(name)
+        if weight is None or not weight.is_floating_point():
+            names = [n for n, t in self._tensors.items() if t.is_floating_point()]
+            raise ValueError(f"{name!r} is not a floating point tensor of the module; it has: {names}")
+        if self._part is not None:
+            return
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn((2, *self.input_shape), generator=gen, dtype=self.dtype).to(self.device)
+        other = torch.randn(weight.shape, generator=gen, dtype=self.dtype).to(self.device)
+        size = float(weight.norm())
+        if size > 0:
+            other = other * (size / float(other.norm()))
+        batch = torch.cat([x, self.zeros(1)])
+        raw = {}
+        for key, w in (("W", weight), ("2W", 2 * weight), ("W'", other), ("W+W'", weight + other)):
+            out = self._raw(batch, {**self._tensors, name: w})
+            if not torch.isfinite(out).all():
+                raise NotLinearInWeightError(
+                    f"{type(self.op).__name__} returned non-finite values with the weight {name!r} changed "
+                    f"(to {key}); it cannot be clipped through that weight (track it only)"
+                )
+            raw[key] = out
+        lin = {key: out[:-1] - out[-1:] for key, out in raw.items()}
+        norms = {key: float(out.norm()) for key, out in raw.items()}
+        scale = max(float(lin["W"].norm()), float(lin["W'"].norm()))
+        noise = _NOISE * torch.finfo(self.dtype).eps
+        probes = {
+            "A(2W) = 2 A(W)": (float((lin["2W"] - 2 * lin["W"]).norm()), noise * (norms["2W"] + 2 * norms["W"])),
+            "A(W + W') = A(W) + A(W')": (
+                float((lin["W+W'"] - lin["W"] - lin["W'"]).norm()),
+                noise * (norms["W+W'"] + norms["W"] + norms["W'"]),
+            ),
+        }
+        for probe, (defect, floor) in probes.items():
+            if not defect <= atol * scale + 2 * floor:
+                raise NotLinearInWeightError(
+                    f"{type(self.op).__name__} is not linear in its weight {name!r}: the probe {probe} failed on "
+                    f"random inputs with relative defect {defect / max(scale, 1e-30):.3g} > {atol:g}. Its forward "
+                    f"transforms the weight before using it (e.g. weight standardization), so clipping cannot move "
+                    f"that weight to a given spectral norm; it cannot be clipped (track it only)."
                 )
 
     def __repr__(self) -> str:

@@ -133,6 +133,11 @@ def _krylov(
             H.zero_()
             H[:keep, :keep] = torch.diag(theta[m - keep :])
             m = keep
+            P = P[: basis_size - m]  # when the space is nearly exhausted (k + block > n) the block may not fit
+            p = P.shape[0]
+            if p == 0:
+                converged = m >= k
+                break
         V[m : m + p] = P
         W, _ = A.gram(P.reshape(p, *A.input_shape))
         W = W.reshape(p, n)
@@ -161,7 +166,8 @@ def _krylov(
             Q = Q.T
             res = (R.double().cpu() @ S[m - p : m, max(m - k, 0) :].flip(1)).norm(dim=0) / top
             alive = R.diagonal().abs() > 10 * torch.finfo(A.dtype).eps * size.clamp_min(tiny)
-        if m >= k and bool((res <= tol).all()):
+        # A basis of the whole input space (k + block may reach n) makes the Ritz pairs exact singular pairs.
+        if m >= k and (m >= n or bool((res <= tol).all())):
             converged = True
             break
         # The next block is the remainder; directions it lost to rounding (the space is nearly invariant
@@ -264,7 +270,7 @@ def spectrum(
         op: an ``nn.Module`` or a callable on batches ``(B, *input_shape)``, or an :class:`ImplicitLinear`.
         input_shape: the shape of one input without the batch dimension, e.g. ``(C, H, W)``; the spectrum
             of a convolution depends on it. Not needed when ``op`` is an :class:`ImplicitLinear`.
-        k: how many singular values to return (``1 ≤ k < dim``, where ``dim`` is the input size).
+        k: how many singular values to return (``1 ≤ k ≤ dim``, where ``dim`` is the input size).
         method: ``"auto"`` or ``"krylov"`` (block Krylov with Rayleigh–Ritz, the default), ``"power_qr"``
             (the published PowerQR, for comparison), or ``"subspace"`` (unshifted subspace iteration with
             Rayleigh–Ritz; its values are those of the vectors it started the last iteration from, and
@@ -289,7 +295,7 @@ def spectrum(
         Spectrum: values, right and left singular vectors, the work spent and whether it converged.
 
     Raises:
-        ValueError: unknown ``method``; ``k`` not in ``[1, dim)``; a bad ``input_shape`` or ``init``; ``tol``
+        ValueError: unknown ``method``; ``k`` not in ``[1, dim]``; a bad ``input_shape`` or ``init``; ``tol``
             or ``max_iters`` not positive; ``op`` not affine (see :class:`ImplicitLinear`).
 
     Example:
@@ -310,8 +316,8 @@ def spectrum(
         if input_shape is None:
             raise ValueError("input_shape is required (the shape of one input, without the batch dimension)")
         A = ImplicitLinear(op, input_shape, dtype=dtype, check_affine=check_affine)
-    if not (isinstance(k, int) and 1 <= k < A.in_features):
-        raise ValueError(f"k must be an integer with 1 <= k < {A.in_features} (the input dimension), got {k!r}")
+    if isinstance(k, bool) or not (isinstance(k, int) and 1 <= k <= A.in_features):
+        raise ValueError(f"k must be an integer with 1 <= k <= {A.in_features} (the input dimension), got {k!r}")
     block = block_size or k
     if init is not None and init.numel() % A.in_features != 0:
         raise ValueError(f"init must have shape (j, {', '.join(map(str, A.input_shape))}); got {tuple(init.shape)}")
