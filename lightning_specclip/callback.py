@@ -392,6 +392,7 @@ class SpectralClipCallback(Callback):
 
     def _decide_not_clipped(self) -> dict[str, str]:
         reasons: dict[str, str] = {}
+        details: dict[str, str] = {}  # reason → what the first layer's check said
         if self.method.name == "none":
             return reasons
         for t in self.targets:
@@ -405,19 +406,21 @@ class SpectralClipCallback(Callback):
                 try:
                     check_clippable(t.module, t.input_shape)
                 except NotLinearInWeightError as err:
-                    reasons[t.name] = f"not linear in its weight ({err})"
+                    reasons[t.name] = "not linear in its weight"
+                    details.setdefault(reasons[t.name], str(err))
         frozen = [n for n, r in reasons.items() if r.startswith("frozen")]
         if frozen:
             rank_zero_info(
                 f"SpectralClipCallback: {len(frozen)} frozen layers (requires_grad=False) are tracked, not clipped: "
                 f"{_listing(frozen)}; pass clip_frozen=True to clip them too"
             )
-        others = {n: r for n, r in reasons.items() if n not in frozen}
-        if others:
-            rank_zero_warn(
-                "SpectralClipCallback: these maps are tracked but cannot be clipped: "
-                + "; ".join(f"{n}: {r}" for n, r in others.items())
-            )
+        grouped: dict[str, list[str]] = {}
+        for name, reason in reasons.items():
+            if name not in frozen:
+                grouped.setdefault(reason, []).append(name)
+        for reason, names in grouped.items():
+            detail = f" ({details[reason]})" if reason in details else ""
+            rank_zero_warn(f"SpectralClipCallback: tracked but not clipped, {reason}{detail}: {_listing(names)}")
         return reasons
 
     # ------------------------------------------------------------------ hooks
@@ -443,17 +446,18 @@ class SpectralClipCallback(Callback):
         step = trainer.global_step
         if step != self._last_step:  # an optimizer step happened (not only gradient accumulation)
             self._last_step = step
-            clip_now = self._clip_due(step) or (self.clip_on_train_end and self._fit_ends(trainer, batch_idx))
+            final = self.clip_on_train_end and self._fit_ends(trainer, batch_idx)
+            clip_now = final or self._clip_due(step)
             if clip_now or step % self.track_every_n_steps == 0:
                 self._track_all()
             if clip_now:
-                self._clip_all(trainer)
+                self._clip_all(trainer, final=final)
             every = self.log_every_n_steps or trainer.log_every_n_steps
             if step % every == 0:
                 self._log(trainer, step)
         elif self.clip_on_train_end and self._dirty and self._fit_ends(trainer, batch_idx):
             self._track_all()
-            self._clip_all(trainer)
+            self._clip_all(trainer, final=True)
         sigmas = [self._states[t.name].values[0] for t in self.targets if self._states[t.name].values is not None]
         if sigmas:  # a tensor: no wait for the device here
             pl_module.log("spectral/max_sigma", torch.stack(sigmas).max(), prog_bar=True, logger=False, on_step=True)
@@ -493,7 +497,7 @@ class SpectralClipCallback(Callback):
         if not (self.clip_on_train_end and trainer.should_stop and self._dirty and self.targets):
             return
         self._track_all()
-        self._clip_all(trainer)
+        self._clip_all(trainer, final=True)
         weights = trainer.strategy.lightning_module_state_dict()
         saved = checkpoint.get("state_dict", {})
         saved.update({name: value for name, value in weights.items() if name in saved})
@@ -524,7 +528,7 @@ class SpectralClipCallback(Callback):
         self._stop_recording()
         if self.clip_on_train_end and self._dirty and trainer.global_step > 0 and self.targets:
             self._track_all()
-            self._clip_all(trainer)
+            self._clip_all(trainer, final=True)
         rank_zero_info(self.summary())
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -644,13 +648,14 @@ class SpectralClipCallback(Callback):
             if not ok:
                 state.right = state.values = None
 
-    def _clip_all(self, trainer: pl.Trainer) -> None:
+    def _clip_all(self, trainer: pl.Trainer, final: bool = False) -> None:
         """Clip every target above its value, then make sure every map of every clipped layer holds its bound.
 
         A layer can be several maps (one per input shape, and its composition with a BatchNorm): clipping one
         moves the others. An exact method (FastClip) therefore checks them all afterwards, clips again those
         still above their value, and in a last pass rescales the weight (which lowers every map of the layer
-        by the same factor) so that each one lands at or below its value.
+        by the same factor) so that each one lands at or below its value. The last clip of a fit (``final``)
+        also measures to convergence the maps it does not clip, so that the summary reports measured norms.
         """
         self._drop_non_finite()
         for t in self.targets:  # measure anew what was dropped (or never measured), where the weights allow
@@ -678,6 +683,11 @@ class SpectralClipCallback(Callback):
                 break
         for name in changed:
             self._states[name].clips += 1
+        if final:  # the per-step estimates of maps nobody clipped can lag behind: measure them
+            clipped = {t.name for t, _ in due}
+            for t in self.targets:
+                if t.name not in clipped:
+                    self._track(t, converge=True)
         self._clipped_step = self._last_step
 
     def _sigma(self, target: Target) -> float:

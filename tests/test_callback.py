@@ -164,7 +164,7 @@ def test_no_second_clip_at_train_end_when_the_last_step_just_clipped():
         steps = []
         callback = SpectralClipCallback(1.0, every_n_steps=every_n_steps, warmup_iters=5)
         original = callback._clip_all
-        callback._clip_all = lambda trainer: (steps.append(trainer.global_step), original(trainer))
+        callback._clip_all = lambda trainer, **kw: (steps.append(trainer.global_step), original(trainer, **kw))
         trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(small_cnn(), 3.0)), loader())
         return steps
 

@@ -368,10 +368,11 @@ def test_layer_not_linear_in_its_weight_is_tracked_and_reported():
     net = small_cnn()
     net[3] = StandardizedConv(4, 4, 3, padding=1, stride=2)
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=20)
-    with pytest.warns(UserWarning, match=r"net\.3.*not linear in its weight"):
+    with pytest.warns(UserWarning, match=r"not linear in its weight.*: net\.3$"):
         trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(net, 3.0)), loader(n=32))
     assert set(callback.not_clipped) == {"net.3"}
-    assert "net.3" in callback.sigmas
+    # tracked only: measured to convergence at the end of fit, so the summary reports the true norm
+    assert callback.sigmas["net.3"] == pytest.approx(true_sigma(net[3], (4, 8, 8)), rel=1e-3)
     assert true_sigma(net[0], (1, 8, 8)) <= 1.02
 
 
