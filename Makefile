@@ -29,10 +29,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -x --timeout=900
+	$(BIN)/python -m pytest -q -x --timeout=900 --doctest-modules lightning_specclip tests
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules lightning_specclip tests
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_spectrum.py
