@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_specclip import SpectralClipCallback
+from lightning_specclip.distributed import SpawnDDPStrategy
 from lightning_specclip.spectral.exact import dense_singular_values, lanczos_singular_values
 
 
@@ -349,7 +350,7 @@ def test_ddp_spawn_two_processes_identical_weights(tmp_path):
     t = trainer(
         max_steps=4,
         devices=2,
-        strategy="ddp_spawn",
+        strategy=SpawnDDPStrategy(),  # "ddp_spawn" that destroys its gloo group before interpreter shutdown
         callbacks=[callback, HashOnEnd(str(tmp_path))],
         deterministic=False,
     )
