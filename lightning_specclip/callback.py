@@ -29,6 +29,7 @@ from lightning_specclip.targets import (
     Selector,
     Target,
     find_conv_bn_pairs,
+    named_modules,
     select_modules,
 )
 
@@ -289,7 +290,7 @@ class SpectralClipCallback(Callback):
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         targets = [Target(name, "layer", module, module) for name, module in selected]
-        modules = dict(model.named_modules())
+        modules = named_modules(model)
         if self.compose_batchnorm:
             for conv_name, bn_name in find_conv_bn_pairs(model):
                 conv, bn = modules[conv_name], modules[bn_name]

@@ -14,6 +14,8 @@ from torch.nn.modules.conv import _ConvNd
 
 __all__ = [
     "DEFAULT_TYPES",
+    "clean_name",
+    "named_modules",
     "Target",
     "InputShapeRecorder",
     "find_conv_bn_pairs",
@@ -44,6 +46,44 @@ class Target:
     module: nn.Module
     layer: nn.Module
     input_shape: tuple[int, ...] | None = None
+
+
+def clean_name(name: str) -> str:
+    """A module's name without the ``_orig_mod`` segments ``torch.compile`` inserts, so that globs, targets and
+    logged names are those of the eager model.
+
+    Args:
+        name: a name from ``model.named_modules()``.
+
+    Returns:
+        str: the name without ``_orig_mod`` segments.
+
+    Example:
+        >>> clean_name("net._orig_mod.layer1.0.conv1")
+        'net.layer1.0.conv1'
+    """
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model.named_modules()`` by :func:`clean_name` (a compiled wrapper and the module it wraps share a name:
+    the outer one is kept).
+
+    Args:
+        model: the model, compiled or not.
+
+    Returns:
+        dict[str, nn.Module]: cleaned name → module, in model order (the root is ``""``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> list(named_modules(torch.compile(net)))
+        ['', '0']
+    """
+    result: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        result.setdefault(clean_name(name), module)
+    return result
 
 
 def _ancestors(name: str) -> list[str]:
@@ -89,7 +129,7 @@ def select_modules(
         >>> [name for name, _ in select_modules(model, modules=["*"])]  # layers only, not ReLU or Flatten
         ['0', '3']
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
+    named = [(n, m) for n, m in named_modules(model).items() if n]
     for group, selectors in (("modules", modules or ()), ("exclude", exclude)):
         for s in selectors:
             if isinstance(s, str) and not any(fnmatch.fnmatchcase(n, s) for n, _ in named):
@@ -122,7 +162,7 @@ def select_modules(
 
 def _pairs_by_order(model: nn.Module) -> list[tuple[str, str]]:
     pairs, previous = [], None
-    for name, module in model.named_modules():
+    for name, module in named_modules(model).items():
         if isinstance(module, _BatchNorm) and previous is not None:
             conv_name, conv = previous
             if getattr(conv, "out_channels", None) == module.num_features:
@@ -172,7 +212,7 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and isinstance(modules.get(source.target), _ConvNd)
             and len(source.users) == 1
         ):
-            pairs.append((str(source.target), str(node.target)))
+            pairs.append((clean_name(str(source.target)), clean_name(str(node.target))))
     return pairs
 
 

@@ -17,7 +17,13 @@ from lightning_specclip.spectral.clip import batchnorm_scale
 from lightning_specclip.spectral.exact import dense_singular_values, lanczos_singular_values
 from lightning_specclip.spectral.operator import eval_mode
 from lightning_specclip.spectral.spectrum import spectrum
-from lightning_specclip.targets import DEFAULT_TYPES, InputShapeRecorder, find_conv_bn_pairs, select_modules
+from lightning_specclip.targets import (
+    DEFAULT_TYPES,
+    InputShapeRecorder,
+    find_conv_bn_pairs,
+    named_modules,
+    select_modules,
+)
 
 __all__ = ["SpectralHistory", "input_shapes", "spectral_norms"]
 
@@ -71,7 +77,7 @@ def spectral_norms(model: nn.Module, example: Tensor) -> dict[str, dict[str, flo
         ['0+1']
     """
     shapes = input_shapes(model, example)
-    modules = dict(model.named_modules())
+    modules = named_modules(model)
     layers = {name: _ground_truth(modules[name], shape) for name, shape in shapes.items()}
     compositions = {
         f"{conv}+{bn}": _ground_truth(nn.Sequential(modules[conv], modules[bn]), shapes[conv])
@@ -126,7 +132,7 @@ class SpectralHistory(Callback):
         if self._ops or self._batchnorms:
             return
         shapes = input_shapes(pl_module, batch[0][:1])
-        modules = dict(pl_module.named_modules())
+        modules = named_modules(pl_module)
         self._ops = {name: (modules[name], shape) for name, shape in shapes.items()}
         for conv, bn in find_conv_bn_pairs(pl_module):
             if conv in shapes:
