@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,29 +26,33 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_specclip import SpectralClipCallback
 from lightning_specclip.module import ImageClassifier
-from lightning_specclip.tracking import SpectralHistory, spectral_norms
+from lightning_specclip.tracking import EpochTimer, SpectralHistory, spectral_norms
 
 log = logging.getLogger(__name__)
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-class EpochTimer(Callback):
-    """Wall time of each training epoch (validation excluded)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.times.append(time.perf_counter() - self._start)
-
-
 def _attack_factories(cfg: DictConfig) -> dict[str, Any]:
     # partial, not lambda: the factories must pickle for ddp_spawn
     return {name: partial(instantiate, c) for name, c in (cfg.get("attack") or {}).items()}
+
+
+def _one(callbacks: list[Callback], kind: type[Callback]) -> Any:
+    """The callback of type ``kind`` among the configured ones (``None`` if there is none)."""
+    found = [c for c in callbacks if isinstance(c, kind)]
+    if len(found) > 1:
+        raise ValueError(f"callbacks holds {len(found)} {kind.__name__}s; metrics.json reads one")
+    return found[0] if found else None
+
+
+def _history(history: SpectralHistory | None) -> dict[str, Any] | None:
+    """The spectral history, from the file rank 0 wrote (``ddp_spawn`` trains in worker processes) or memory."""
+    if history is None:
+        return None
+    # absent when the fit had nothing left to do (a finished run relaunched): then nothing was recorded
+    if history.save_to is not None and history.save_to.exists():
+        return json.loads(history.save_to.read_text())
+    return history.history
 
 
 def _last_checkpoint(directory: Path) -> str | None:
@@ -71,17 +74,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     net = instantiate(cfg.model)
     module = ImageClassifier(net, num_classes=cfg.data.num_classes, attacks=_attack_factories(cfg), **cfg.module)
-    clip: SpectralClipCallback = instantiate(cfg.clip)
-    # written by rank 0 at the end of fit: with ddp_spawn the callbacks ran in the worker processes
-    history_file = output_dir / "spectral_history.json"
-    history = SpectralHistory(every_n_steps=cfg.history_every_n_steps, save_to=history_file)
-    timer = EpochTimer()
-    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
+    callbacks: list[Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    clip = _one(callbacks, SpectralClipCallback)
+    history, timer, checkpoints = (_one(callbacks, kind) for kind in (SpectralHistory, EpochTimer, ModelCheckpoint))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=[clip, history, timer, checkpoints], logger=loggers or False
-    )
-    resume = _last_checkpoint(output_dir / "checkpoints") if cfg.resume else None
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resume = _last_checkpoint(Path(checkpoints.dirpath)) if cfg.resume and checkpoints is not None else None
     if resume:
         log.info("Resuming from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
@@ -93,8 +91,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         example = next(iter(datamodule.test_dataloader()))[0][:1].to(module.device)
         norms = spectral_norms(module, example)
         metrics = {
-            "method": clip.method.name,
-            "target": None if clip.method.name == "none" else cfg.clip.target,
+            "method": clip.method.name if clip is not None else None,
+            "target": None if clip is None or clip.method.name == "none" else cfg.clip.target,
             "bn_mode": cfg.bn_mode,
             "model": cfg.model._target_.rsplit(".", 1)[-1],
             "data": cfg.data._target_.rsplit(".", 1)[-1],
@@ -105,8 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "spectral_norm_composition": norms["compositions"],
             "spectral_norm_batchnorm": norms["batchnorms"],
             # absent when the fit had nothing left to do (a finished run relaunched): then nothing was recorded
-            "history": json.loads(history_file.read_text()) if history_file.exists() else history.history,
-            "epoch_time_s": sum(timer.times) / len(timer.times) if timer.times else None,
+            "history": _history(history),
+            "epoch_time_s": sum(timer.times) / len(timer.times) if timer is not None and timer.times else None,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

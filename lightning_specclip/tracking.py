@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from lightning_specclip.targets import (
     select_modules,
 )
 
-__all__ = ["SpectralHistory", "input_shapes", "spectral_norms"]
+__all__ = ["EpochTimer", "SpectralHistory", "input_shapes", "spectral_norms"]
 
 #: Operators with at most this many inputs get a dense SVD; larger ones ARPACK.
 DENSE_LIMIT = 2048
@@ -169,3 +170,30 @@ class SpectralHistory(Callback):
             sigma.setdefault(name, []).append(result.sigma)
         for name, bn in self._batchnorms.items():
             sigma.setdefault(name, []).append(float(batchnorm_scale(bn).abs().max()))
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch (validation excluded).
+
+    Attributes:
+        times: seconds per finished training epoch.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> timer = EpochTimer()
+        >>> trainer = pl.Trainer(callbacks=[timer], logger=False, enable_checkpointing=False)
+        >>> timer.times
+        []
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the clock."""
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the epoch's time."""
+        self.times.append(time.perf_counter() - self._start)

@@ -117,3 +117,26 @@ def test_ddp_sim_two_processes(tmp_path):
     assert all(s <= 1.02 for s in metrics["spectral_norm"].values())
     # the history was recorded in the worker processes and still reaches metrics.json
     assert metrics["history"]["step"] and set(metrics["history"]["sigma"]) >= set(metrics["spectral_norm"])
+
+
+def test_callbacks_group_builds_the_trainers_callbacks(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_specclip import SpectralClipCallback
+    from lightning_specclip.tracking import EpochTimer, SpectralHistory
+
+    cfg = _compose(["clip=gouk", "clip.target=0.5"], tmp_path)
+    callbacks = {name: instantiate(c) for name, c in cfg.callbacks.items()}
+    kinds = {name: type(c) for name, c in callbacks.items()}
+    assert kinds == {
+        "spectral_history": SpectralHistory,
+        "epoch_timer": EpochTimer,
+        "model_checkpoint": ModelCheckpoint,
+        "clip": SpectralClipCallback,
+    }
+    assert callbacks["clip"].method.name == "gouk" and callbacks["clip"].target == 0.5  # the clip/ group's choice
+    assert callbacks["model_checkpoint"].dirpath == str(tmp_path / "checkpoints")
+    dropped = _compose(["~callbacks.epoch_timer"], tmp_path / "b")
+    assert "epoch_timer" not in dropped.callbacks
+    metrics = train.run(_compose([*FAST, "~callbacks.epoch_timer"], tmp_path / "c"))
+    assert metrics["epoch_time_s"] is None and metrics["history"]["step"]
