@@ -279,13 +279,16 @@ def test_gouk_on_circular_padding_reports_its_miss() -> None:
 
 
 @pytest.mark.parametrize("method", ["krylov", "power_qr", "subspace"])
-@pytest.mark.parametrize(("module", "shape", "k"), [(nn.Linear(1, 5), (1,), 1), (nn.Linear(3, 4), (3,), 3)])
-def test_k_up_to_the_input_dimension(method: str, module: nn.Module, shape, k: int) -> None:
-    torch.manual_seed(0)
+@pytest.mark.parametrize(("features", "outputs", "k"), [(1, 5, 1), (3, 4, 3)])
+def test_k_up_to_the_input_dimension(method: str, features: int, outputs: int, k: int) -> None:
+    torch.manual_seed(0)  # the weights are made here, not at collection time: the same in every test ordering
+    module, shape = nn.Linear(features, outputs), (features,)
     truth = torch.linalg.svdvals(module.weight.detach().double())
     s = spectrum(module, shape, k=k, method=method, tol=1e-7)
     assert s.values.shape == (k,) and s.right.shape == (k, *shape)
-    torch.testing.assert_close(s.values.double(), truth[:k], rtol=1e-5, atol=1e-6)
+    # PowerQR stops when the values change by less than tol in one iteration, not on a residual: looser
+    rtol, atol = (1e-4, 1e-5) if method == "power_qr" else (1e-5, 1e-6)
+    torch.testing.assert_close(s.values.double(), truth[:k], rtol=rtol, atol=atol)
 
 
 def test_k_equal_to_n_for_a_convolution() -> None:
