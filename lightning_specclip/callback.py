@@ -24,10 +24,12 @@ from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.power import PowerStep
 from lightning_specclip.spectral.spectrum import Spectrum, spectrum
 from lightning_specclip.targets import (
-    DEFAULT_TYPES,
+    LAYER_TYPES,
+    PROJECTIONS,
     InputShapeRecorder,
     Selector,
     Target,
+    attention_projection,
     find_conv_bn_pairs,
     named_modules,
     select_modules,
@@ -124,7 +126,8 @@ class SpectralClipCallback(Callback):
         target: the spectral norm to clip to, or a mapping from module-name glob to target (the first
             matching pattern wins; layers matching none are tracked but not clipped).
         modules: module types and/or name globs to act on; default every ``Linear``, ``Conv*d`` and
-            ``ConvTranspose*d``.
+            ``ConvTranspose*d``, and the query, key and value projections of every ``MultiheadAttention``
+            (``<attn>.q_proj``, ``.k_proj``, ``.v_proj``; its ``out_proj`` is a ``Linear``).
         exclude: types and/or name globs to leave out.
         method: ``"fastclip"`` (exact; the default), ``"gouk"``, ``"miyato"``, ``"senderovich"``, ``"gram"``
             (a regularizer), ``"none"`` (track only), or a :class:`~lightning_specclip.methods.ClipMethod`.
@@ -274,7 +277,7 @@ class SpectralClipCallback(Callback):
                 )
         if self.method.name != "none":
             for t in self._layers:
-                if not isinstance(t.layer, DEFAULT_TYPES) or not self.method.supports(t):
+                if not isinstance(t.layer, LAYER_TYPES) or not self.method.supports(t):
                     continue
                 try:
                     check_clippable(t.module)
@@ -289,7 +292,12 @@ class SpectralClipCallback(Callback):
             selected = select_modules(model, self.modules, self.exclude)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
-        targets = [Target(name, "layer", module, module) for name, module in selected]
+        targets = []
+        for name, module in selected:
+            if isinstance(module, nn.MultiheadAttention):  # its q, k, v maps; out_proj is a Linear of its own
+                targets += [Target(f"{name}.{which}", "projection", module, module) for which in PROJECTIONS]
+            else:
+                targets.append(Target(name, "layer", module, module))
         modules = named_modules(model)
         if self.compose_batchnorm:
             for conv_name, bn_name in find_conv_bn_pairs(model):
@@ -332,7 +340,7 @@ class SpectralClipCallback(Callback):
 
     # ------------------------------------------------------------------ input shapes
     def _start_recording(self) -> None:
-        layers = {id(t.layer): (t.name.split("+")[0], t.layer) for t in self._layers}
+        layers = {id(t.layer): (t.name.split("+")[0], t.layer) for t in self._layers if t.kind != "projection"}
         self._recorder = InputShapeRecorder(layers.values())
 
     def _stop_recording(self) -> None:
@@ -362,6 +370,9 @@ class SpectralClipCallback(Callback):
         self._shapes_known = True
         self.targets, missing = [], []
         for layer in self._layers:
+            if layer.kind == "projection":  # built now, on the device and in the dtype the model trains in
+                view = attention_projection(layer.layer, layer.name.rsplit(".", 1)[1])
+                layer = dataclasses.replace(layer, kind="layer", module=view, layer=view)
             shapes = self._shapes_of(layer, recorded)
             if not shapes:
                 missing.append(layer.name)
@@ -403,7 +414,7 @@ class SpectralClipCallback(Callback):
                 reasons[t.name] = f"method {self.method.name!r} cannot clip a {t.kind}"
             elif not self.clip_frozen and not any(p.requires_grad for p in t.layer.parameters()):
                 reasons[t.name] = "frozen (requires_grad=False)"
-            elif isinstance(t.layer, DEFAULT_TYPES) and t.kind != "batchnorm":
+            elif isinstance(t.layer, LAYER_TYPES) and t.kind != "batchnorm":
                 try:
                     check_clippable(t.module, t.input_shape)
                 except NotLinearInWeightError as err:

@@ -14,6 +14,9 @@ from torch.nn.modules.conv import _ConvNd
 
 __all__ = [
     "DEFAULT_TYPES",
+    "LAYER_TYPES",
+    "PROJECTIONS",
+    "attention_projection",
     "clean_name",
     "named_modules",
     "Target",
@@ -22,7 +25,11 @@ __all__ = [
     "select_modules",
 ]
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
+#: modules that are one linear map of their input (a ``Linear``, a convolution)
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
+#: what is selected by default, and what name globs pick: the layers, and attention (its q, k, v projections)
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (*LAYER_TYPES, nn.MultiheadAttention)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 Selector = str | type[nn.Module]
 
@@ -46,6 +53,47 @@ class Target:
     module: nn.Module
     layer: nn.Module
     input_shape: tuple[int, ...] | None = None
+
+
+def attention_projection(attention: nn.MultiheadAttention, which: str) -> nn.Linear:
+    """The query, key or value projection of a ``MultiheadAttention`` as a bias-free ``Linear`` whose weight is a
+    view of the attention's own weight (the rows of the packed ``in_proj_weight``, or ``q/k/v_proj_weight`` when
+    the key and value sizes differ): measuring it reads the attention's weights, and clipping it writes them.
+
+    ``MultiheadAttention`` never calls these maps as modules (nor its ``out_proj``, which is a ``Linear`` already),
+    so they are built from the weights. Build them after the model is on its device and in its dtype: the view
+    follows the storage it was made from.
+
+    Args:
+        attention: the attention module.
+        which: ``"q_proj"``, ``"k_proj"`` or ``"v_proj"``.
+
+    Returns:
+        nn.Linear: the projection, sharing its weight's storage with ``attention``.
+
+    Raises:
+        ValueError: ``which`` is not one of the three.
+
+    Example:
+        >>> attention = nn.MultiheadAttention(8, 2)
+        >>> q = attention_projection(attention, "q_proj")
+        >>> with torch.no_grad():
+        ...     _ = q.weight.mul_(2.0)  # writes the first 8 rows of the packed in_proj_weight
+        >>> q.weight.shape, torch.equal(attention.in_proj_weight[:8], q.weight)
+        (torch.Size([8, 8]), True)
+    """
+    if which not in PROJECTIONS:
+        raise ValueError(f"which must be one of {', '.join(PROJECTIONS)}, got {which!r}")
+    if attention._qkv_same_embed_dim:
+        size, index = attention.embed_dim, PROJECTIONS.index(which)
+        source = attention.in_proj_weight
+        weight = source.detach()[index * size : (index + 1) * size]
+    else:
+        source = getattr(attention, f"{which}_weight")
+        weight = source.detach()
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=source.requires_grad)
+    return layer
 
 
 def clean_name(name: str) -> str:
@@ -105,14 +153,14 @@ def select_modules(
     """Named submodules chosen by type and/or name glob, minus the excluded ones.
 
     A type selects its instances, whatever they are. A name glob selects the *layers* among the modules it
-    names and the modules inside them: ``Linear``, ``Conv*d`` and ``ConvTranspose*d`` (so ``"disc.*"`` or
-    ``"disc"`` picks the discriminator's layers, not its activations or containers). An excluding glob
-    leaves out the modules it names and everything inside them.
+    names and the modules inside them: ``Linear``, ``Conv*d``, ``ConvTranspose*d`` and ``MultiheadAttention``
+    (so ``"disc.*"`` or ``"disc"`` picks the discriminator's layers, not its activations or containers). An
+    excluding glob leaves out the modules it names and everything inside them.
 
     Args:
         model: the model.
         modules: module types and/or glob patterns on module names (``"layer1.*"``); default every
-            ``Linear``, ``Conv*d`` and ``ConvTranspose*d``.
+            ``Linear``, ``Conv*d``, ``ConvTranspose*d`` and ``MultiheadAttention``.
         exclude: types and/or patterns to leave out.
 
     Returns:
@@ -154,7 +202,7 @@ def select_modules(
     if not selected:
         raise ValueError(
             f"no layer selected by modules={list(chosen)} exclude={list(exclude)} (name patterns select "
-            f"Linear, Conv*d and ConvTranspose*d layers); available names: "
+            f"Linear, Conv*d, ConvTranspose*d and MultiheadAttention modules); available names: "
             f"{', '.join(f'{n} ({type(m).__name__})' for n, m in named)}"
         )
     return selected

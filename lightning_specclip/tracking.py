@@ -19,7 +19,7 @@ from lightning_specclip.spectral.exact import dense_singular_values, lanczos_sin
 from lightning_specclip.spectral.operator import eval_mode
 from lightning_specclip.spectral.spectrum import spectrum
 from lightning_specclip.targets import (
-    DEFAULT_TYPES,
+    LAYER_TYPES,
     InputShapeRecorder,
     find_conv_bn_pairs,
     named_modules,
@@ -46,7 +46,7 @@ def input_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]
         >>> input_shapes(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)), torch.zeros(1, 1, 8, 8))
         {'0': (1, 8, 8), '2': (72,)}
     """
-    layers = select_modules(model, list(DEFAULT_TYPES))
+    layers = select_modules(model, list(LAYER_TYPES))
     with InputShapeRecorder(layers) as recorder, eval_mode(model), torch.no_grad():
         model(example)
     return dict(recorder.shapes)
