@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_callback import Classifier
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import DataLoader, TensorDataset
@@ -75,24 +76,6 @@ def build(model_id: str) -> nn.Module:
         return getattr(models, name)(weights=None, num_classes=NUM_CLASSES, **kwargs)
     timm = pytest.importorskip("timm")
     return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
-
-
-class Classifier(pl.LightningModule):
-    """The model as is, trained with SGD on cross-entropy."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
 def loader(seed: int = 0) -> DataLoader:
@@ -261,7 +244,7 @@ class ZooRun:
 def run_zoo(model_id: str, *, seed: int = 0) -> tuple[ZooRun, pl.LightningModule, SpectralClipCallback]:
     """Build, train with the callback and measure every layer; a crash in ``fit`` propagates."""
     torch.manual_seed(seed)
-    module = Classifier(build(model_id))
+    module = Classifier(build(model_id), lr=0.01)
     data = loader(seed)
     shapes = record_input_shapes(module, next(iter(data))[0])
     target = TARGETS.get(model_id, TARGET)
