@@ -45,7 +45,7 @@ from lightning_specclip.methods.senderovich import senderovich_clip_
 from lightning_specclip.spectral.clip import clip_spectral_norm_
 from lightning_specclip.spectral.exact import dense_singular_values, fft_singular_values, lanczos_singular_values
 
-METHODS = ("FastClip", "Gouk", "Miyato", "Senderovich")
+COMPARED = ("FastClip", "Gouk", "Miyato", "Senderovich")
 
 #: Why a baseline misses the target, printed under the table for every kind where it does.
 WHY = {
@@ -175,7 +175,7 @@ def clip_with(method: str, module: nn.Module, kind: Kind, target: float, power_i
     """Clip ``module`` in place with one method.
 
     Args:
-        method: one of :data:`METHODS`.
+        method: one of :data:`COMPARED`.
         module: the layer (modified).
         kind: its configuration.
         target: the clip value.
@@ -210,7 +210,7 @@ def clip_with(method: str, module: nn.Module, kind: Kind, target: float, power_i
             return "n/a"
         senderovich_clip_(module, target, kind.shape[1:])
         return None
-    raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; allowed: {', '.join(COMPARED)}")
 
 
 @dataclass
@@ -256,7 +256,7 @@ def run_kind(kind: Kind, factor: float, target: float, power_iters: int, seed: i
     before = sigma * (factor * target / float(sigma[0]))  # the map is linear in the (first) weight
     ideal = before.clamp(max=target)
     cells = {}
-    for method in METHODS:
+    for method in COMPARED:
         layer = copy.deepcopy(base)
         start = time.perf_counter()
         note = clip_with(method, layer, kind, target, power_iters)
@@ -285,15 +285,15 @@ def table(rows: dict[str, dict[str, Cell]]) -> str:
         str: the table.
 
     Example:
-        >>> row = table({"L": {m: Cell(0.0, 0.0, 0.1, "2 rounds") for m in METHODS}}).splitlines()[2]
+        >>> row = table({"L": {m: Cell(0.0, 0.0, 0.1, "2 rounds") for m in COMPARED}}).splitlines()[2]
         >>> row.split(" | ")[:2], row.split(" | ")[-1]
         (['| L', '+0.00% · 0.000 · 0.10 s'], '2 rounds |')
     """
-    head = "| layer | " + " | ".join(METHODS) + " | FastClip rounds |"
-    lines = [head, "|" + "---|" * (len(METHODS) + 2)]
+    head = "| layer | " + " | ".join(COMPARED) + " | FastClip rounds |"
+    lines = [head, "|" + "---|" * (len(COMPARED) + 2)]
     for name, cells in rows.items():
         parts = []
-        for method in METHODS:
+        for method in COMPARED:
             cell = cells[method]
             if cell.note == "n/a":
                 parts.append("n/a")
@@ -314,11 +314,11 @@ def failures(rows: dict[str, dict[str, Cell]], tol: float = 1e-2) -> str:
         str: Markdown bullet list, one bullet per method.
 
     Example:
-        >>> failures({"L": {m: Cell(0.0, 0.0, 0.1, None) for m in METHODS}}).splitlines()[0]
+        >>> failures({"L": {m: Cell(0.0, 0.0, 0.1, None) for m in COMPARED}}).splitlines()[0]
         '- **FastClip**: within 1% on every kind.'
     """
     out = []
-    for method in METHODS:
+    for method in COMPARED:
         missed = [
             f"{name} ({_pct(cells[method].error)})"
             for name, cells in rows.items()

@@ -34,7 +34,7 @@ from lightning_specclip import SpectralClipCallback
 from lightning_specclip.models import ResNet18
 from lightning_specclip.tracking import spectral_norms
 
-METHODS = ("fastclip", "gouk", "miyato", "none")
+COMPARED = ("fastclip", "gouk", "miyato", "none")
 
 
 class _Classifier(pl.LightningModule):
@@ -53,7 +53,6 @@ class _Classifier(pl.LightningModule):
 HOOKS = (
     "setup",
     "on_train_start",
-    "on_train_batch_start",
     "on_train_batch_end",
     "on_before_optimizer_step",
     "on_save_checkpoint",
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every-n-steps", type=int, default=100)
     parser.add_argument("--target", type=float, default=1.0)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(COMPARED), choices=COMPARED)
     parser.add_argument("--measure", action="store_true", help="also measure the final spectral norms (slow)")
     parser.add_argument(
         "--extra-track-every", type=int, default=0, help="also time fastclip with track_every_n_steps=N (0: off)"

@@ -4,8 +4,8 @@ For each layer kind (convolutions with zero, circular and reflect padding, strid
 ``Conv1d``, a ``ConvTranspose2d`` with stride 2, conv → BatchNorm, and a ``Linear`` for reference) it
 measures the top singular value with
 
-* ``default``: :func:`lightning_specclip.spectrum` (``method="auto"``, block Krylov, library defaults);
-* ``power_qr``: the published PowerQR (``method="power_qr"``), with the library's stopping rule and with
+* ``default``: :func:`lightning_specclip.spectrum` (``solver="auto"``, block Krylov, library defaults);
+* ``power_qr``: the published PowerQR (``solver="power_qr"``), with the library's stopping rule and with
   the same number of ``AᵀA`` products as the default used;
 * ``gouk``: single-vector power iteration through the layer's own conv / conv-transpose (Gouk et al., 2021;
   assumes zero padding), with the default's budget of ``AᵀA`` products;
@@ -224,11 +224,11 @@ def _side_by_side(kind: Kind, module: nn.Module, A: ImplicitLinear, truth: float
     rows.append(
         Row(kind.name, "default", default.sigma, _rel(default.sigma, truth), secs, budget, "tol=1e-5 (library default)")
     )
-    pqr, secs = _timed(lambda: spectrum(A, k=1, method="power_qr"), repeats)
+    pqr, secs = _timed(lambda: spectrum(A, k=1, solver="power_qr"), repeats)
     rows.append(
         Row(kind.name, "power_qr", pqr.sigma, _rel(pqr.sigma, truth), secs, pqr.matvecs, "tol=1e-5 (library default)")
     )
-    pqr, secs = _timed(lambda: spectrum(A, k=1, method="power_qr", max_iters=budget, tol=1e-30), repeats)
+    pqr, secs = _timed(lambda: spectrum(A, k=1, solver="power_qr", max_iters=budget, tol=1e-30), repeats)
     rows.append(Row(kind.name, "power_qr", pqr.sigma, _rel(pqr.sigma, truth), secs, pqr.matvecs, "default's budget"))
     if kind.single_layer:
         (sigma, _), secs = _timed(lambda: gouk_sigma(module, kind.input_shape, n_iter=budget), repeats)
@@ -270,7 +270,7 @@ def _power_qr_to_target(A: ImplicitLinear, truth: float, cap: int) -> tuple[floa
         chunk = min(cap - iters, max(10, iters // 10))
         init = None if prev is None else prev.right
         start = time.perf_counter()
-        prev = spectrum(A, k=1, method="power_qr", init=init, max_iters=chunk, tol=1e-12)
+        prev = spectrum(A, k=1, solver="power_qr", init=init, max_iters=chunk, tol=1e-12)
         seconds += time.perf_counter() - start
         iters += prev.iters
         err = _rel(prev.sigma, truth)

@@ -90,9 +90,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             datamodule.setup("test")
         example = next(iter(datamodule.test_dataloader()))[0][:1].to(module.device)
         norms = spectral_norms(module, example)
+        method = clip.options["method"].name if clip is not None else None
         metrics = {
-            "method": clip.method.name if clip is not None else None,
-            "target": None if clip is None or clip.method.name == "none" else cfg.clip.target,
+            "method": method,
+            "target": None if method in (None, "none") else cfg.clip.target,
             "bn_mode": cfg.bn_mode,
             "model": cfg.model._target_.rsplit(".", 1)[-1],
             "data": cfg.data._target_.rsplit(".", 1)[-1],

@@ -1,10 +1,12 @@
 """lightning_specclip: measure and clip the singular values of implicitly linear layers.
 
-The core (:func:`spectrum`, :func:`clip_spectral_norm_`, :mod:`lightning_specclip.spectral.exact`) is pure
-PyTorch; :class:`SpectralClipCallback` brings it to a Lightning ``Trainer``.
+The core (:func:`spectrum`, :func:`clip_spectral_norm_`, :mod:`lightning_specclip.spectral.exact`) and the
+training-time controller (:class:`SpectralClipper`, for any training loop) are pure PyTorch;
+:class:`SpectralClipCallback` drives a clipper from a Lightning ``Trainer``.
 """
 
 from lightning_specclip.callback import SpectralClipCallback
+from lightning_specclip.clipper import SpectralClipper
 from lightning_specclip.methods import METHODS, ClipMethod
 from lightning_specclip.spectral import ImplicitLinear, PowerStep, Spectrum, spectrum
 from lightning_specclip.spectral.clip import ClipResult, NotLinearInWeightError, check_clippable, clip_spectral_norm_
@@ -17,6 +19,7 @@ __all__ = [
     "NotLinearInWeightError",
     "PowerStep",
     "SpectralClipCallback",
+    "SpectralClipper",
     "Spectrum",
     "check_clippable",
     "clip_spectral_norm_",

@@ -1,4 +1,4 @@
-"""Which modules of a model the callback acts on: selection, conv→BatchNorm pairs, input shapes."""
+"""Which modules of a model are tracked and clipped: selection, conv→BatchNorm pairs, input shapes."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ __all__ = [
     "attention_projection",
     "clean_name",
     "named_modules",
-    "Target",
+    "TrackedMap",
     "InputShapeRecorder",
     "find_conv_bn_pairs",
     "select_modules",
@@ -35,17 +35,28 @@ Selector = str | type[nn.Module]
 
 
 @dataclass
-class Target:
-    """One implicitly linear map the callback tracks and clips.
+class TrackedMap:
+    """One implicitly linear map that is tracked and clipped: a layer at one input shape, a conv∘BatchNorm
+    composition, or a BatchNorm.
 
     Attributes:
-        name: the layer's name in the model; ``"<conv>+<bn>"`` for a composition.
+        name: unique name: the layer's name in the model, ``"<conv>+<bn>"`` for a composition, with
+            ``"@CxHxW"`` appended for the input shapes of a layer after its first.
         kind: ``"layer"`` (a Linear or convolution), ``"composition"`` (conv followed by BatchNorm, with the
-            BatchNorm's running statistics) or ``"batchnorm"``.
+            BatchNorm's running statistics), ``"batchnorm"``, or ``"projection"`` (a query, key or value map of
+            a ``MultiheadAttention``, before its weights are viewed as a ``Linear``).
         module: what is run to apply the map: the layer, a ``Sequential(conv, bn)`` sharing the model's
             modules, or the BatchNorm.
         layer: the module whose input defines ``input_shape`` (the conv of a composition).
         input_shape: shape of one input without the batch dimension, once seen.
+        parts: names of the model's modules the map is made of (the conv and the BatchNorm of a composition);
+            default ``(name,)``.
+
+    Example:
+        >>> conv, bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+        >>> pair = TrackedMap("c+b", "composition", nn.Sequential(conv, bn), conv, parts=("c", "b"))
+        >>> pair.matches("b"), pair.matches("c+*"), pair.matches("x")
+        (True, True, False)
     """
 
     name: str
@@ -53,6 +64,22 @@ class Target:
     module: nn.Module
     layer: nn.Module
     input_shape: tuple[int, ...] | None = None
+    parts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            self.parts = (self.name,)
+
+    def matches(self, pattern: str) -> bool:
+        """Whether a name glob names this map: the map's modules together (``"conv+bn"``) or any one of them.
+
+        Args:
+            pattern: a glob on module names.
+
+        Returns:
+            bool: whether it matches.
+        """
+        return any(fnmatch.fnmatchcase(n, pattern) for n in ("+".join(self.parts), *self.parts))
 
 
 def attention_projection(attention: nn.MultiheadAttention, which: str) -> nn.Linear:
@@ -269,6 +296,8 @@ class InputShapeRecorder:
 
     Args:
         modules: ``(name, module)`` pairs to watch.
+        training_only: record only calls made in training mode (``module.training``), so that validation and
+            other evaluation-mode forwards do not count.
 
     Attributes:
         all_shapes: ``name → every distinct input shape without the batch dimension``, in the order first
@@ -284,8 +313,9 @@ class InputShapeRecorder:
         ({'conv': (1, 8, 8)}, {'conv': [(1, 8, 8), (1, 16, 16)]})
     """
 
-    def __init__(self, modules: Iterable[tuple[str, nn.Module]]) -> None:
+    def __init__(self, modules: Iterable[tuple[str, nn.Module]], *, training_only: bool = False) -> None:
         self.all_shapes: dict[str, list[tuple[int, ...]]] = {}
+        self.training_only = training_only
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in modules]
 
     @property
@@ -294,7 +324,9 @@ class InputShapeRecorder:
         return {name: shapes[0] for name, shapes in self.all_shapes.items()}
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(_module: nn.Module, args: tuple) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.training_only and not module.training:
+                return
             if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
                 shape = tuple(args[0].shape[1:])
                 seen = self.all_shapes.setdefault(name, [])

@@ -37,7 +37,7 @@ def test_vision_transformer_every_map_clipped():
     trainer(max_steps=4, callbacks=[callback]).fit(Classifier(vit, lr=0.01), loader((1, 8, 8), n=32))
     attentions = [m for m in vit.modules() if isinstance(m, nn.MultiheadAttention)]
     assert len(attentions) == 2
-    names = {t.name for t in callback.targets}
+    names = {t.name for t in callback.maps}
     assert "net.encoder.layers.encoder_layer_0.self_attention.q_proj" in names
     assert "net.encoder.layers.encoder_layer_1.self_attention.out_proj" in names
     for attention in attentions:
@@ -71,7 +71,7 @@ def test_separate_key_and_value_weights():
             w.mul_(5.0)
     callback = SpectralClipCallback(1.0, modules=["net.attn"], every_n_steps=2, warmup_iters=30)
     trainer(max_steps=2, callbacks=[callback]).fit(Classifier(net, lr=0.01), loader(n=16))
-    assert [t.name for t in callback.targets] == [
+    assert [t.name for t in callback.maps] == [
         "net.attn.q_proj",
         "net.attn.k_proj",
         "net.attn.v_proj",

@@ -41,7 +41,7 @@ def test_quick_clip_benchmark_runs_and_writes_markdown(tmp_path: Path, capsys) -
     assert [r.split(" | ")[0][2:] for r in rows] == names * 2
     for row in rows:
         cells = row.split(" | ")
-        assert len(cells) == 2 + len(bench.METHODS)
+        assert len(cells) == 2 + len(bench.COMPARED)
         fastclip_error = float(cells[1].split("%")[0])
         assert abs(fastclip_error) <= 1.0, row
     linear = next(r for r in rows if r.startswith("| Linear |"))

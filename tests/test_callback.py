@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_specclip import SpectralClipCallback
+from lightning_specclip import SpectralClipCallback, SpectralClipper
 from lightning_specclip.distributed import SpawnDDPStrategy
 from lightning_specclip.spectral.exact import dense_singular_values, lanczos_singular_values
 
@@ -97,8 +97,8 @@ def test_resnet18_layers_clipped_after_fit():
     net = scaled(torchvision.models.resnet18(num_classes=10), 2.0)
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=30)
     trainer(max_steps=3, callbacks=[callback]).fit(Classifier(net, lr=0.01), loader((3, 32, 32), n=24, batch_size=8))
-    assert len(callback.targets) == 21  # 20 convolutions and the final Linear
-    for target in callback.targets:
+    assert len(callback.maps) == 21  # 20 convolutions and the final Linear
+    for target in callback.maps:
         sigma = lanczos_singular_values(target.module, target.input_shape, k=1, tol=1e-6, dtype=torch.float32)
         assert sigma.values[0] <= 1.02, target.name
 
@@ -108,7 +108,7 @@ def test_small_cnn_clipped_and_composition_clipped():
     net = scaled(small_cnn(), 3.0)
     callback = SpectralClipCallback(0.8, every_n_steps=3, warmup_iters=30, compose_batchnorm=True)
     trainer(max_steps=4, callbacks=[callback]).fit(Classifier(net), loader())
-    kinds = {t.name: t.kind for t in callback.targets}
+    kinds = {t.name: t.kind for t in callback.maps}
     assert kinds == {
         "net.0": "layer",
         "net.3": "layer",
@@ -116,7 +116,7 @@ def test_small_cnn_clipped_and_composition_clipped():
         "net.0+net.1": "composition",
         "net.3+net.4": "composition",
     }
-    for target in callback.targets:
+    for target in callback.maps:
         sigma = dense_singular_values(target.module, target.input_shape)[0]
         assert sigma <= 0.8 * 1.02, (target.name, float(sigma))
         # what the callback reports (summary, logs) is measured after the last clip, also for the conv that
@@ -139,35 +139,44 @@ def test_clip_batchnorm_bounds_each_gain():
         assert gain.max() <= 1.5 * (1 + 1e-5)
 
 
-def test_acts_only_after_optimizer_steps_with_accumulation():
-    calls = []
+def _record_steps(monkeypatch: pytest.MonkeyPatch, method: str) -> list[int]:
+    """The clipper steps at which ``SpectralClipper.<method>`` runs, in every clipper of the test."""
+    calls: list[int] = []
+    original = getattr(SpectralClipper, method)
+
+    def recorded(self: SpectralClipper, *args, **kwargs):
+        calls.append(self.num_steps)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpectralClipper, method, recorded)
+    return calls
+
+
+def test_acts_only_after_optimizer_steps_with_accumulation(monkeypatch):
+    calls = _record_steps(monkeypatch, "_track_all")
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=5)
-    original = callback._track_all
-    callback._track_all = lambda: (calls.append(callback._last_step), original())
     trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[callback]).fit(Classifier(small_cnn()), loader(n=64))
     assert calls == [1, 2, 3]  # after each of 3 optimizer steps (not 6 batches); step 3 is also the final clip
-    assert all(state.values is not None for state in callback._states.values())
+    assert set(callback.sigmas) == {m.name for m in callback.maps}
 
 
-def test_track_every_n_steps_skips_updates():
-    calls = []
+def test_track_every_n_steps_skips_updates(monkeypatch):
+    calls = _record_steps(monkeypatch, "_track_all")
     callback = SpectralClipCallback(
         1.0, every_n_steps=100, warmup_iters=5, track_every_n_steps=2, clip_on_train_end=False
     )
-    original = callback._track_all
-    callback._track_all = lambda: (calls.append(callback._last_step), original())
     trainer(max_steps=4, callbacks=[callback]).fit(Classifier(small_cnn()), loader())
     assert calls == [2, 4]
 
 
-def test_no_second_clip_at_train_end_when_the_last_step_just_clipped():
+def test_no_second_clip_at_train_end_when_the_last_step_just_clipped(monkeypatch):
+    steps = _record_steps(monkeypatch, "_clip_all")
+
     def clip_steps(every_n_steps: int) -> list[int]:
-        steps = []
+        steps.clear()
         callback = SpectralClipCallback(1.0, every_n_steps=every_n_steps, warmup_iters=5)
-        original = callback._clip_all
-        callback._clip_all = lambda trainer, **kw: (steps.append(trainer.global_step), original(trainer, **kw))
         trainer(max_steps=4, callbacks=[callback]).fit(Classifier(scaled(small_cnn(), 3.0)), loader())
-        return steps
+        return list(steps)
 
     assert clip_steps(2) == [2, 4]  # the end of training (step 4) adds none
     assert clip_steps(3) == [3, 4]  # step 3, and the last step
@@ -181,7 +190,7 @@ def test_models_nobody_here_wrote():
     for net, shape in ((scaled(seq, 4.0), (64,)), (scaled(conv1d, 4.0), (1, 64))):
         callback = SpectralClipCallback(1.0, every_n_steps=1, warmup_iters=20)
         trainer(max_steps=2, callbacks=[callback]).fit(Classifier(net), loader(shape))
-        for target in callback.targets:
+        for target in callback.maps:
             assert dense_singular_values(target.module, target.input_shape)[0] <= 1.0 * 1.01
 
 
@@ -201,7 +210,7 @@ def test_layer_never_called_is_skipped_with_warning():
     with pytest.warns(UserWarning, match=r"\['net.unused'\] did not run"):
         trainer(max_steps=1, callbacks=[callback]).fit(Classifier(Unused()), loader())
     # a conv's map depends on its input size, which only a forward tells; a Linear's does not
-    assert [t.name for t in callback.targets] == ["net.used", "net.head", "net.unused_head"]
+    assert [t.name for t in callback.maps] == ["net.used", "net.head", "net.unused_head"]
 
 
 class Crash(pl.Callback):
@@ -241,11 +250,11 @@ def test_crash_and_resume_matches_uninterrupted_run(tmp_path):
     (ckpt,) = (tmp_path / "crash").glob("*.ckpt")  # the end of epoch 1 (step 4)
     state = torch.load(ckpt, weights_only=False)
     assert state["global_step"] == 4
-    assert state["callbacks"][SpectralClipCallback(0.9).state_key]["last_step"] == 4
+    assert state["callbacks"][SpectralClipCallback(0.9).state_key]["num_steps"] == 4
     resumed, callback = _fit_for_resume(tmp_path / "resume", ckpt=str(ckpt))
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert callback._states["net.0"].clips == 3  # steps 3 and 6, and the end of training
+    assert callback.clipper.clips["net.0"] == 3  # steps 3 and 6, and the end of training
 
 
 def test_csv_and_tensorboard_loggers_receive_series(tmp_path):
@@ -276,7 +285,7 @@ def test_bf16_runs_write_no_nan(precision):
     trainer(max_steps=3, precision=precision, callbacks=[callback]).fit(Classifier(net), loader())
     for p in net.parameters():
         assert torch.isfinite(p).all()
-    for target in callback.targets:
+    for target in callback.maps:
         sigma = dense_singular_values(target.module.float(), target.input_shape)[0]
         assert sigma <= 1.0 * 1.02, target.name
 
@@ -329,7 +338,7 @@ def test_per_layer_targets():
     net = scaled(small_cnn(), 3.0)
     callback = SpectralClipCallback({"net.7": 0.5, "net.0": 2.0}, every_n_steps=1, warmup_iters=10)
     trainer(max_steps=1, callbacks=[callback]).fit(Classifier(net, lr=0.0), loader())
-    sigma = {t.name: float(dense_singular_values(t.module, t.input_shape)[0]) for t in callback.targets}
+    sigma = {t.name: float(dense_singular_values(t.module, t.input_shape)[0]) for t in callback.maps}
     assert sigma["net.7"] == pytest.approx(0.5, rel=1e-3)
     assert sigma["net.0"] <= 2.0 * 1.01
     assert sigma["net.3"] > 1.0  # no pattern: tracked, not clipped

@@ -26,6 +26,6 @@ def test_callback_clips_a_compiled_model_by_its_eager_names():
     net = scaled(small_cnn(), 3.0)
     callback = SpectralClipCallback({"net.3": 0.5, "net.0": 1.0}, modules=["net.0", "net.3"], every_n_steps=2)
     trainer(max_steps=2, callbacks=[callback]).fit(Classifier(torch.compile(net, backend="eager")), loader(n=16))
-    assert [t.name for t in callback.targets] == ["net.0", "net.3"]
+    assert [t.name for t in callback.maps] == ["net.0", "net.3"]
     assert true_sigma(net[0], (1, 8, 8)) <= 1.0 * 1.02
     assert true_sigma(net[3], (4, 8, 8)) <= 0.5 * 1.02

@@ -109,7 +109,7 @@ def test_callback_on_cuda_in_every_precision(precision: str) -> None:
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=20, compose_batchnorm=True)
     _trainer(max_steps=4, precision=precision, callbacks=[callback]).fit(Classifier(net), loader())
     assert all(torch.isfinite(p).all() for p in net.parameters())
-    for target in callback.targets:
+    for target in callback.maps:
         assert _cpu_sigma(target.module, target.input_shape) <= 1.02, target.name
 
 
@@ -119,8 +119,8 @@ def test_resnet18_on_cuda_clipped_after_fit() -> None:
     net = scaled(torchvision.models.resnet18(num_classes=10), 2.0)
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=30)
     _trainer(max_steps=3, callbacks=[callback]).fit(Classifier(net, lr=0.01), loader((3, 32, 32), n=24, batch_size=8))
-    assert len(callback.targets) == 21
-    for target in callback.targets:
+    assert len(callback.maps) == 21
+    for target in callback.maps:
         cpu = copy.deepcopy(target.module).cpu()
         sigma = lanczos_singular_values(cpu, target.input_shape, k=1, tol=1e-6)
         assert sigma.values[0] <= 1.02, target.name

@@ -30,7 +30,7 @@ def test_one_step_is_the_subspace_iteration_of_spectrum() -> None:
     starts = [v / v.norm() for v in starts]
     values, vectors = PowerStep(operators)(starts)
     for A, v, value, vector in zip(operators, starts, values, vectors, strict=True):
-        s = spectrum(A, method="subspace", init=v, max_iters=1, left=False)
+        s = spectrum(A, solver="subspace", init=v, max_iters=1, left=False)
         torch.testing.assert_close(value, s.values, rtol=1e-5, atol=0.0)
         torch.testing.assert_close(vector, s.right, rtol=1e-4, atol=1e-6)
         assert vector.norm().item() == pytest.approx(1.0, abs=1e-6)

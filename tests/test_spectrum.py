@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_specclip import Spectrum, spectrum
 from lightning_specclip.spectral.exact import dense_matrix, dense_singular_values
-from lightning_specclip.spectral.spectrum import METHODS
+from lightning_specclip.spectral.spectrum import SOLVERS
 
 Factory = Callable[[], nn.Module | Callable[[Tensor], Tensor]]
 
@@ -118,7 +118,7 @@ def test_default_matches_dense_svd(name: str) -> None:
     op, shape = _build(name)
     matrix = dense_matrix(op, shape)
     s = spectrum(op, shape, k=4)
-    assert s.converged and s.method == "krylov"
+    assert s.converged and s.solver == "krylov"
     assert s.right.shape == (4, *shape)
     assert s.values.dtype == torch.float32
     _check_against_dense(s, matrix, k=4)
@@ -142,15 +142,15 @@ def test_dense_matrix_is_exact_for_linear() -> None:
 def test_power_qr_matches_dense_svd(name: str) -> None:
     op, shape = _build(name)
     matrix = dense_matrix(op, shape)
-    s = spectrum(op, shape, k=4, method="power_qr", tol=1e-9, max_iters=20000)
-    assert s.method == "power_qr"
+    s = spectrum(op, shape, k=4, solver="power_qr", tol=1e-9, max_iters=20000)
+    assert s.solver == "power_qr"
     _check_against_dense(s, matrix, k=4)
 
 
 def test_power_qr_needs_more_work_than_default() -> None:
     op, shape = _build("conv2d_zeros")
     default = spectrum(op, shape, k=1, tol=1e-6)
-    published = spectrum(op, shape, k=1, method="power_qr", tol=1e-9, max_iters=20000)
+    published = spectrum(op, shape, k=1, solver="power_qr", tol=1e-9, max_iters=20000)
     assert published.matvecs > 3 * default.matvecs
 
 
@@ -178,16 +178,16 @@ def test_power_qr_warm_start_continues_the_iteration() -> None:
     """PowerQR's state is X alone: 30 + 30 warm-started iterations equal 60 in one call (k=1 exactly; for k > 1
     the returned vectors are sorted by value, which reorders the columns, so only the subspace carries over)."""
     op, shape = _build("conv2d_circular")
-    whole = spectrum(op, shape, k=1, method="power_qr", tol=1e-30, max_iters=60)
-    half = spectrum(op, shape, k=1, method="power_qr", tol=1e-30, max_iters=30)
-    rest = spectrum(op, shape, k=1, method="power_qr", tol=1e-30, max_iters=30, init=half.right)
+    whole = spectrum(op, shape, k=1, solver="power_qr", tol=1e-30, max_iters=60)
+    half = spectrum(op, shape, k=1, solver="power_qr", tol=1e-30, max_iters=30)
+    rest = spectrum(op, shape, k=1, solver="power_qr", tol=1e-30, max_iters=30, init=half.right)
     assert whole.iters == 60 and half.iters + rest.iters == 60
     torch.testing.assert_close(rest.values, whole.values, rtol=1e-6, atol=0)
     assert abs((rest.right.flatten() @ whole.right.flatten()).item()) == pytest.approx(1, abs=1e-6)
     # k = 2: the same subspace (the iteration is subspace iteration on I + AᵀA)
-    whole = spectrum(op, shape, k=2, method="power_qr", tol=1e-30, max_iters=60)
-    half = spectrum(op, shape, k=2, method="power_qr", tol=1e-30, max_iters=30)
-    rest = spectrum(op, shape, k=2, method="power_qr", tol=1e-30, max_iters=30, init=half.right)
+    whole = spectrum(op, shape, k=2, solver="power_qr", tol=1e-30, max_iters=60)
+    half = spectrum(op, shape, k=2, solver="power_qr", tol=1e-30, max_iters=30)
+    rest = spectrum(op, shape, k=2, solver="power_qr", tol=1e-30, max_iters=30, init=half.right)
     a, b = rest.right.flatten(1).double(), whole.right.flatten(1).double()
     torch.testing.assert_close(a.T @ a, b.T @ b, rtol=0, atol=1e-5)
 
@@ -219,8 +219,8 @@ def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()}
 
 
-@pytest.mark.parametrize("method", ["auto", "power_qr"])
-def test_no_side_effects(method: str) -> None:
+@pytest.mark.parametrize("solver", ["krylov", "power_qr"])
+def test_no_side_effects(solver: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
@@ -235,7 +235,7 @@ def test_no_side_effects(method: str) -> None:
     flags = {name: m.training for name, m in model.named_modules()}
     before = _snapshot(model)
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    s = spectrum(model, (4, 6, 6), k=2, method=method, max_iters=200)
+    s = spectrum(model, (4, 6, 6), k=2, solver=solver, max_iters=200)
     after = model.state_dict(keep_vars=True)
     assert before.keys() == after.keys()
     for key, value in before.items():
@@ -254,7 +254,7 @@ def test_works_inside_no_grad() -> None:
     outside = spectrum(op, shape, k=2)
     with torch.no_grad():
         inside = spectrum(op, shape, k=2)
-        inside_qr = spectrum(op, shape, k=1, method="power_qr", max_iters=5)
+        inside_qr = spectrum(op, shape, k=1, solver="power_qr", max_iters=5)
     torch.testing.assert_close(inside.values, outside.values, rtol=0, atol=0)
     assert inside_qr.matvecs == 5
     assert torch.is_grad_enabled()
@@ -321,10 +321,10 @@ def test_refuses_k_out_of_range(k: int) -> None:
         spectrum(nn.Linear(5, 3), (5,), k=k)
 
 
-def test_refuses_unknown_method() -> None:
-    with pytest.raises(ValueError, match="unknown method 'lanczos'") as info:
-        spectrum(nn.Linear(5, 3), (5,), method="lanczos")
-    assert all(m in str(info.value) for m in METHODS)
+def test_refuses_unknown_solver() -> None:
+    with pytest.raises(ValueError, match="unknown solver 'lanczos'") as info:
+        spectrum(nn.Linear(5, 3), (5,), solver="lanczos")
+    assert all(m in str(info.value) for m in SOLVERS)
 
 
 def test_refuses_bad_tol_iters_and_init() -> None:

@@ -75,7 +75,7 @@ def test_last_checkpoint_holds_clipped_weights(tmp_path, stop):
     sigmas = layer_sigmas(saved)
     assert max(sigmas.values()) <= 1.02, sigmas
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][callback.state_key]
-    assert state["targets"]["net.0"]["clips"] == 1
+    assert state["maps"]["net.0"]["clips"] == 1
 
 
 class ConstantLoss(Classifier):
@@ -124,7 +124,7 @@ def test_layer_run_at_two_sizes_is_bounded_at_both():
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=30)
     with pytest.warns(UserWarning, match="eval_only"):
         trainer(max_steps=4, callbacks=[callback]).fit(Classifier(net), loader(n=32))
-    names = {t.name: t.input_shape for t in callback.targets}
+    names = {t.name: t.input_shape for t in callback.maps}
     assert names == {"net.conv": (1, 8, 8), "net.conv@1x16x16": (1, 16, 16), "net.head": (8,)}
     assert true_sigma(net.conv, (1, 8, 8)) <= 1.02
     assert true_sigma(net.conv, (1, 16, 16)) <= 1.02
@@ -146,7 +146,7 @@ def test_shapes_come_from_training_not_sanity_check_validation():
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=30)
     t = trainer(max_steps=2, callbacks=[callback], num_sanity_val_steps=1, limit_val_batches=1)
     t.fit(ValAtDoubleSize(wide), loader(n=16), val_dataloaders=loader(n=8))
-    shapes = {t.name: t.input_shape for t in callback.targets}
+    shapes = {t.name: t.input_shape for t in callback.maps}
     assert shapes["net.0"] == (1, 8, 8)
 
     class Validated(Classifier):
@@ -160,7 +160,7 @@ def test_shapes_come_from_training_not_sanity_check_validation():
         trainer(max_steps=2, callbacks=[callback], num_sanity_val_steps=1, limit_val_batches=1).fit(
             Validated(eval_only), loader(n=16), val_dataloaders=loader(n=8)
         )
-    assert "net.eval_only" not in {t.name for t in callback.targets}
+    assert "net.eval_only" not in {t.name for t in callback.maps}
     assert torch.equal(eval_only.eval_only.weight, before)  # never clipped
 
 
@@ -169,7 +169,7 @@ def test_named_input_shapes_are_bounded_too():
     net = scaled(small_cnn(), 3.0)
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=30, input_shapes={"net.0": [(1, 12, 12)]})
     trainer(max_steps=2, callbacks=[callback]).fit(Classifier(net), loader(n=16))
-    assert "net.0@1x12x12" in {t.name for t in callback.targets}
+    assert "net.0@1x12x12" in {t.name for t in callback.maps}
     assert true_sigma(net[0], (1, 8, 8)) <= 1.02
     assert true_sigma(net[0], (1, 12, 12)) <= 1.02
 
@@ -213,7 +213,7 @@ def test_transient_nan_is_dropped_and_never_checkpointed(tmp_path):
     assert true_sigma(net[3], (4, 8, 8)) <= 1.02
     for path in tmp_path.glob("*.ckpt"):  # the one at step 3 was written while the tracked vector was NaN
         state = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
-        for name, s in state["targets"].items():
+        for name, s in state["maps"].items():
             for key in ("right", "values"):
                 assert s[key] is None or torch.isfinite(s[key]).all(), (path.name, name, key)
 
@@ -244,15 +244,15 @@ def test_resume_with_another_selection_merges_by_target(tmp_path):
     _fit(tmp_path / "a", [convs], steps=4)
     widened = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=20)  # the default selection adds net.7
     _fit(tmp_path / "b", [widened], steps=6, ckpt=str(tmp_path / "a" / "last.ckpt"))
-    assert widened._states["net.0"].clips >= convs._states["net.0"].clips > 0  # carried over
-    assert widened._states["net.7"].clips == 1  # new: started fresh
+    assert widened.clipper.clips["net.0"] >= convs.clipper.clips["net.0"] > 0  # carried over
+    assert widened.clipper.clips["net.7"] == 1  # new: started fresh
 
     everything = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=20)
     _fit(tmp_path / "c", [everything], steps=2, factor=30.0)
     narrowed = SpectralClipCallback(1.0, modules=[nn.Conv2d], every_n_steps=100, warmup_iters=20)
     _, t = _fit(tmp_path / "d", [narrowed], steps=3, ckpt=str(tmp_path / "c" / "last.ckpt"), factor=30.0)
     assert set(narrowed.sigmas) == {"net.0", "net.3"}
-    assert set(narrowed._states) == {"net.0", "net.3"}  # the dropped layer's state is gone
+    assert set(narrowed.clipper.clips) == {"net.0", "net.3"}  # the dropped layer's state is gone
     assert float(t.progress_bar_metrics["spectral/max_sigma"]) == pytest.approx(max(narrowed.sigmas.values()))
 
 
@@ -262,14 +262,14 @@ def test_two_instances_side_by_side_each_restore_their_own_state(tmp_path):
     assert first.state_key != second.state_key
     _fit(tmp_path / "a", [first, second], steps=4)
     state = torch.load(tmp_path / "a" / "last.ckpt", weights_only=False)["callbacks"]
-    assert set(state[first.state_key]["targets"]) == {"net.0"}
-    assert set(state[second.state_key]["targets"]) == {"net.3"}
+    assert set(state[first.state_key]["maps"]) == {"net.0"}
+    assert set(state[second.state_key]["maps"]) == {"net.3"}
     again = [
         SpectralClipCallback(0.5, modules=["net.0"], every_n_steps=1, warmup_iters=20),
         SpectralClipCallback(2.0, modules=["net.3"], every_n_steps=2, warmup_iters=20),
     ]
     model, _ = _fit(tmp_path / "b", again, steps=6, ckpt=str(tmp_path / "a" / "last.ckpt"))
-    assert again[0]._states["net.0"].clips >= first._states["net.0"].clips > 0  # restored, then counted on
+    assert again[0].clipper.clips["net.0"] >= first.clipper.clips["net.0"] > 0  # restored, then counted on
     assert true_sigma(model.net[0], (1, 8, 8)) <= 0.5 * 1.02
     assert true_sigma(model.net[3], (4, 8, 8)) <= 2.0 * 1.02
 
@@ -398,7 +398,7 @@ def test_name_globs_select_layers_not_activations():
     torch.manual_seed(0)
     callback = SpectralClipCallback(1.0, modules=["net.*"], every_n_steps=1, warmup_iters=10)
     trainer(max_steps=1, callbacks=[callback]).fit(Classifier(small_cnn()), loader(n=8))
-    assert [t.name for t in callback.targets] == ["net.0", "net.3", "net.7"]
+    assert [t.name for t in callback.maps] == ["net.0", "net.3", "net.7"]
     callback = SpectralClipCallback(1.0, modules=[nn.ReLU], every_n_steps=1, warmup_iters=10)
     with pytest.raises(MisconfigurationException, match=r"net\.2 \(ReLU\).*not a linear map"):
         trainer(max_steps=1, callbacks=[callback]).fit(Classifier(small_cnn()), loader(n=8))
@@ -413,8 +413,8 @@ def test_clips_count_only_clips_that_changed_the_weights():
     head = net[7].weight.detach().clone()
     callback = SpectralClipCallback(1.0, every_n_steps=1, warmup_iters=20)
     trainer(max_steps=2, callbacks=[callback]).fit(Classifier(net, lr=0.0), loader(n=16))
-    assert callback._states["net.7"].clips == 0
+    assert callback.clipper.clips["net.7"] == 0
     assert torch.equal(net[7].weight, head)
-    assert callback._states["net.0"].clips == 1  # clipped at step 1; at step 2 already at the target
+    assert callback.clipper.clips["net.0"] == 1  # clipped at step 1; at step 2 already at the target
     row = next(line for line in callback.summary().splitlines() if line.startswith("net.7"))
     assert row.split()[-1] == "0"  # the summary's clips column

@@ -24,7 +24,7 @@ from lightning_specclip.spectral.clip import NotLinearInWeightError, check_clipp
 from lightning_specclip.spectral.exact import dense_singular_values
 from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.spectrum import spectrum
-from lightning_specclip.targets import Target
+from lightning_specclip.targets import TrackedMap
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 
@@ -214,8 +214,8 @@ def test_iterative_and_batchnorm_paths_report_changed_and_measured_after() -> No
     assert result.after == pytest.approx(truth, rel=1e-6) and truth <= 1.5 * (1 + 1e-6) and result.changed
 
 
-def _target(module: nn.Module, shape) -> Target:
-    return Target("layer", "layer", module, module, input_shape=tuple(shape))
+def _target(module: nn.Module, shape) -> TrackedMap:
+    return TrackedMap("layer", "layer", module, module, input_shape=tuple(shape))
 
 
 @pytest.mark.parametrize(
@@ -278,16 +278,16 @@ def test_gouk_on_circular_padding_reports_its_miss() -> None:
 # ---------------------------------------------------------------- 2. one-feature inputs, k = n
 
 
-@pytest.mark.parametrize("method", ["krylov", "power_qr", "subspace"])
+@pytest.mark.parametrize("solver", ["krylov", "power_qr", "subspace"])
 @pytest.mark.parametrize(("features", "outputs", "k"), [(1, 5, 1), (3, 4, 3)])
-def test_k_up_to_the_input_dimension(method: str, features: int, outputs: int, k: int) -> None:
+def test_k_up_to_the_input_dimension(solver: str, features: int, outputs: int, k: int) -> None:
     torch.manual_seed(0)  # the weights are made here, not at collection time: the same in every test ordering
     module, shape = nn.Linear(features, outputs), (features,)
     truth = torch.linalg.svdvals(module.weight.detach().double())
-    s = spectrum(module, shape, k=k, method=method, tol=1e-7)
+    s = spectrum(module, shape, k=k, solver=solver, tol=1e-7)
     assert s.values.shape == (k,) and s.right.shape == (k, *shape)
     # PowerQR stops when the values change by less than tol in one iteration, not on a residual: looser
-    rtol, atol = (1e-4, 1e-5) if method == "power_qr" else (1e-5, 1e-6)
+    rtol, atol = (1e-4, 1e-5) if solver == "power_qr" else (1e-5, 1e-6)
     torch.testing.assert_close(s.values.double(), truth[:k], rtol=rtol, atol=atol)
 
 
@@ -295,8 +295,8 @@ def test_k_equal_to_n_for_a_convolution() -> None:
     torch.manual_seed(0)
     conv = nn.Conv1d(2, 3, 3, padding=1)
     truth = dense_singular_values(conv, (2, 3))
-    for method in ("krylov", "power_qr", "subspace"):
-        s = spectrum(conv, (2, 3), k=6, method=method, tol=1e-7)
+    for solver in ("krylov", "power_qr", "subspace"):
+        s = spectrum(conv, (2, 3), k=6, solver=solver, tol=1e-7)
         torch.testing.assert_close(s.values.double(), truth, rtol=1e-4, atol=1e-5)
 
 

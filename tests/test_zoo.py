@@ -156,24 +156,25 @@ def refused_layers(callback: SpectralClipCallback) -> dict[str, str]:
     Asked every way the public API offers, so that the test follows the library as it grows:
 
     * ``callback.not_clipped`` (``{target name: reason}``, filled on the first batch), where it exists;
-    * ``callback.method.supports(target)`` is ``False`` (the older "tracked only" path);
+    * ``callback.options["method"].supports(target)`` is ``False`` (the older "tracked only" path);
     * the target's row in :meth:`SpectralClipCallback.summary` shows no target (``-``) although one float
       target covers every layer, or has a ``note`` saying why.
     """
     refused: dict[str, str] = {}
     for name, reason in (getattr(callback, "not_clipped", None) or {}).items():
         refused[name] = str(reason)
-    for t in callback.targets:
-        if not callback.method.supports(t):
-            refused.setdefault(t.name, f"method {callback.method.name!r} does not support it")
-    names = {t.name for t in callback.targets}
+    method = callback.options["method"]
+    for t in callback.maps:
+        if not method.supports(t):
+            refused.setdefault(t.name, f"method {method.name!r} does not support it")
+    names = {t.name for t in callback.maps}
     for row in _summary_rows(callback):
         name = row.get("layer")
         if name not in names:
             continue
         if row.get("note"):
             refused.setdefault(name, f"summary: {row['note']}")
-        elif isinstance(callback.target, float) and row.get("target") == "-":
+        elif isinstance(callback.options["target"], float) and row.get("target") == "-":
             refused.setdefault(name, "summary: no target")
     return refused
 
@@ -281,7 +282,7 @@ def measure(
     run.clipped = sum(1 for row in _summary_rows(callback) if row.get("clips", "0").isdigit() and row["clips"] != "0")
     reported = callback.sigmas
     by_layer: dict[str, dict[tuple[int, ...], str]] = {}
-    for t in callback.targets:
+    for t in callback.maps:
         if t.kind == "layer":
             by_layer.setdefault(base_name(t.name), {})[tuple(t.input_shape)] = t.name
     for name, layer in selected_layers(module):

@@ -9,13 +9,13 @@ from torch import Tensor
 
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
 from lightning_specclip.spectral.spectrum import spectrum
-from lightning_specclip.targets import Target
+from lightning_specclip.targets import TrackedMap
 
 __all__ = ["ClipMethod", "NoClip", "measured_result"]
 
 
 def measured_result(
-    target: Target,
+    tracked: TrackedMap,
     value: float,
     before: float,
     estimate: float,
@@ -30,16 +30,16 @@ def measured_result(
     the circular surrogate of the FFT clip) is not the layer's spectral norm. This measures the layer as it
     now is with :func:`~lightning_specclip.spectrum` (Krylov, on the layer at its input shape, warm-started
     from ``init``; residual ``1e-4``, so ``σ₁`` is accurate to about ``5e-5`` relative at worst) and reports
-    that as ``after`` and its spectrum as ``spectrum`` (so the callback need not measure again); the method's
+    that as ``after`` and its spectrum as ``spectrum`` (so the clipper need not measure again); the method's
     number goes to ``estimate``.
 
     Args:
-        target: the clipped target, with its input shape.
+        tracked: the clipped map, with its input shape.
         value: the clip value.
         before: the method's estimate before the clip (it decided whether the method wrote).
         estimate: the method's own estimate after the clip.
         changed: whether the method wrote the weights.
-        init: vectors to warm-start from, ``(j, *input_shape)`` (e.g. the callback's tracked ones); ``j``
+        init: vectors to warm-start from, ``(j, *input_shape)`` (e.g. the clipper's tracked ones); ``j``
             vectors are measured (one when ``None`` or of another shape).
         tol: relative tolerance of ``converged`` (``after ≤ value·(1 + tol)``).
 
@@ -48,18 +48,18 @@ def measured_result(
 
     Example:
         >>> import torch
-        >>> from lightning_specclip.targets import Target
+        >>> from lightning_specclip.targets import TrackedMap
         >>> lin = torch.nn.Linear(4, 3)
-        >>> t = Target("lin", "layer", lin, lin, input_shape=(4,))
+        >>> t = TrackedMap("lin", "layer", lin, lin, input_shape=(4,))
         >>> r = measured_result(t, 10.0, 0.9, 0.9, False)
         >>> r.changed, abs(r.after - torch.linalg.matrix_norm(lin.weight.double(), 2).item()) < 1e-4
         (False, True)
     """
-    shape = tuple(target.input_shape)
+    shape = tuple(tracked.input_shape)
     if init is not None and tuple(init.shape[1:]) != shape:
         init = None
     k = 1 if init is None else max(1, min(init.shape[0], math.prod(shape)))
-    fresh = spectrum(target.module, shape, k=k, init=None if init is None else init[:k], tol=1e-4, left=False)
+    fresh = spectrum(tracked.module, shape, k=k, init=None if init is None else init[:k], tol=1e-4, left=False)
     after = fresh.sigma
     return ClipResult(
         before,
@@ -74,11 +74,13 @@ def measured_result(
 
 
 class ClipMethod:
-    """How one method keeps a layer's spectral norm at a target; the callback decides when.
+    """How one method keeps a layer's spectral norm at a target; the clipper decides when.
+
+    (The clipper is :class:`~lightning_specclip.SpectralClipper`.)
 
     A method holds no schedule and no per-layer state of its own: per-layer tensors live in the ``state``
-    dict the callback passes in (and saves in checkpoints). Tracking the true spectral norm for logging is
-    the callback's job (it uses :func:`~lightning_specclip.spectrum`); a method only clips.
+    dict the clipper passes in (and saves in checkpoints). Tracking the true spectral norm for logging is
+    the clipper's job (it uses :func:`~lightning_specclip.spectrum`); a method only clips.
 
     BatchNorm targets (``clip_batchnorm=True``) are clamped the same way by every method (Gouk et al. 2021),
     through :meth:`clip_batchnorm_`.
@@ -91,62 +93,64 @@ class ClipMethod:
     name: ClassVar[str] = ""
     #: target kinds the method can clip (``"layer"``, ``"composition"``); BatchNorm is handled by all.
     kinds: ClassVar[tuple[str, ...]] = ("layer",)
-    #: whether a clip lands within ``tol`` of the target on every map it supports; the callback then checks
+    #: whether a clip lands within ``tol`` of the target on every map it supports; the clipper then checks
     #: every map of a clipped layer afterwards and clips again (finally by rescaling) what is still above.
     exact: ClassVar[bool] = False
     #: relative tolerance of an exact method's clip
     tol: float = 1e-2
 
-    def supports(self, target: Target) -> bool:
-        """Whether the method can act on ``target``.
+    def supports(self, tracked: TrackedMap) -> bool:
+        """Whether the method can act on ``tracked``.
 
         Args:
-            target: a layer, composition or BatchNorm target.
+            tracked: a layer, composition or BatchNorm map.
 
         Returns:
             bool: ``True`` if :meth:`clip_` (or :meth:`penalty`) handles it.
         """
-        return target.kind == "batchnorm" or target.kind in self.kinds
+        return tracked.kind == "batchnorm" or tracked.kind in self.kinds
 
-    def step(self, target: Target, state: dict[str, Tensor]) -> None:
+    def step(self, tracked: TrackedMap, state: dict[str, Tensor]) -> None:
         """Cheap per-step work (e.g. one power iteration); default nothing.
 
         Args:
-            target: the target, with its input shape known.
-            state: the target's persistent tensors, updated in place.
+            tracked: the map, with its input shape known.
+            state: the map's persistent tensors, updated in place.
         """
 
-    def clip_(self, target: Target, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult | None:
-        """Clip ``target`` to ``value`` in place; ``None`` if the method does not clip (tracking, regularizer).
+    def clip_(
+        self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None
+    ) -> ClipResult | None:
+        """Clip ``tracked`` to ``value`` in place; ``None`` if the method does not clip (tracking, regularizer).
 
         Args:
-            target: the target, with its input shape known.
+            tracked: the map, with its input shape known.
             value: the spectral norm to clip to.
-            state: the target's persistent tensors, updated in place.
-            init: the callback's tracked top right singular vectors of the target (a warm start), if any.
+            state: the map's persistent tensors, updated in place.
+            init: the tracked top right singular vectors of the map (a warm start), if any.
 
         Returns:
             ClipResult | None: what was done.
         """
         return None
 
-    def clip_batchnorm_(self, target: Target, value: float) -> ClipResult | None:
-        """Clamp a BatchNorm target: ``|γᵢ|/√(varᵢ+ε) ≤ value`` (exact).
+    def clip_batchnorm_(self, tracked: TrackedMap, value: float) -> ClipResult | None:
+        """Clamp a BatchNorm map: ``|γᵢ|/√(varᵢ+ε) ≤ value`` (exact).
 
         Args:
-            target: a ``"batchnorm"`` target.
+            tracked: a ``"batchnorm"`` map.
             value: the bound.
 
         Returns:
             ClipResult | None: what was done.
         """
-        return clip_spectral_norm_(target.module, value)
+        return clip_spectral_norm_(tracked.module, value)
 
-    def penalty(self, target: Target, value: float) -> Tensor | None:
+    def penalty(self, tracked: TrackedMap, value: float) -> Tensor | None:
         """A differentiable penalty on the weights to add to the loss's gradient; default none.
 
         Args:
-            target: the target, with its input shape known.
+            tracked: the map, with its input shape known.
             value: the target spectral norm.
 
         Returns:
@@ -156,7 +160,7 @@ class ClipMethod:
 
 
 class NoClip(ClipMethod):
-    """Track only: the callback logs spectral norms and changes nothing.
+    """Track only: the clipper measures spectral norms and changes nothing.
 
     Example:
         >>> NoClip().clip_(None, 1.0, {}, None) is None
@@ -166,11 +170,11 @@ class NoClip(ClipMethod):
     name: ClassVar[str] = "none"
     kinds: ClassVar[tuple[str, ...]] = ("layer", "composition")
 
-    def clip_batchnorm_(self, target: Target, value: float) -> ClipResult | None:
+    def clip_batchnorm_(self, tracked: TrackedMap, value: float) -> ClipResult | None:
         """Leave the BatchNorm alone (track only).
 
         Args:
-            target: a ``"batchnorm"`` target.
+            tracked: a ``"batchnorm"`` map.
             value: ignored.
 
         Returns:

@@ -1,4 +1,4 @@
-"""FastClip (Ebrahimpour Boroojeny et al. 2024) as a callback method."""
+"""FastClip (Ebrahimpour Boroojeny et al. 2024) as a clip method."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lightning_specclip.methods.base import ClipMethod
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
-from lightning_specclip.targets import Target
+from lightning_specclip.targets import TrackedMap
 
 __all__ = ["FastClip"]
 
@@ -28,7 +28,7 @@ class FastClip(ClipMethod):
 
     Args:
         max_rounds: least-squares rounds per clip before the exact rescale.
-        block_size: singular vectors handled per round (the callback tracks ``k`` vectors; the others start
+        block_size: singular vectors handled per round (the clipper tracks ``k`` vectors; the others start
             from random vectors, which costs more iterations).
         tol: relative tolerance on the clipped norm.
 
@@ -48,11 +48,11 @@ class FastClip(ClipMethod):
         self.block_size = block_size
         self.tol = tol
 
-    def clip_(self, target: Target, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
-        """Clip ``target`` to ``value`` (see :func:`~lightning_specclip.clip_spectral_norm_`).
+    def clip_(self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
+        """Clip ``tracked`` to ``value`` (see :func:`~lightning_specclip.clip_spectral_norm_`).
 
         Args:
-            target: a layer or composition target with its input shape.
+            tracked: a layer or composition map with its input shape.
             value: the spectral norm to clip to.
             state: unused (the warm start comes from ``init``).
             init: the tracked top right singular vectors.
@@ -61,9 +61,9 @@ class FastClip(ClipMethod):
             ClipResult: what was done.
         """
         return clip_spectral_norm_(
-            target.module,
+            tracked.module,
             value,
-            target.input_shape,
+            tracked.input_shape,
             spectrum=init,
             max_rounds=self.max_rounds,
             block_size=self.block_size,

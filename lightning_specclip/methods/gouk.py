@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult
-from lightning_specclip.targets import Target
+from lightning_specclip.targets import TrackedMap
 
 __all__ = ["SUPPORTED", "Gouk", "gouk_clip_", "gouk_sigma", "operator_pair"]
 
@@ -335,9 +335,9 @@ def gouk_clip_(
 
 
 class Gouk(ClipMethod):
-    """Gouk et al. (2021) as a callback method: one power iteration per step, divide the weight when clipping.
+    """Gouk et al. (2021) as a clip method: one power iteration per step, divide the weight when clipping.
 
-    The vector ``u`` persists across steps (in the callback's state, so checkpoints keep it). The estimate
+    The vector ``u`` persists across steps (in the clipper's state, so checkpoints keep it). The estimate
     runs the layer's convolution and its transpose with zero padding: right for zero-padded layers of any
     stride, wrong for circular, reflect and replicate padding. Compositions with BatchNorm are not supported.
 
@@ -354,31 +354,31 @@ class Gouk(ClipMethod):
     def __init__(self, n_iter_clip: int = 1) -> None:
         self.n_iter_clip = n_iter_clip
 
-    def supports(self, target: Target) -> bool:
+    def supports(self, tracked: TrackedMap) -> bool:
         """Linear, convolutions and transposed convolutions (and BatchNorm, clamped).
 
         Args:
-            target: a target.
+            tracked: a map.
 
         Returns:
             bool: whether it can be clipped.
         """
-        return target.kind == "batchnorm" or (target.kind == "layer" and isinstance(target.module, SUPPORTED))
+        return tracked.kind == "batchnorm" or (tracked.kind == "layer" and isinstance(tracked.module, SUPPORTED))
 
-    def step(self, target: Target, state: dict[str, Tensor]) -> None:
+    def step(self, tracked: TrackedMap, state: dict[str, Tensor]) -> None:
         """One power iteration, warm-started from ``state["u"]``.
 
         Args:
-            target: a layer target with its input shape.
+            tracked: a layer map with its input shape.
             state: holds ``"u"``.
         """
-        _, state["u"] = gouk_sigma(target.module, target.input_shape, 1, state.get("u"))
+        _, state["u"] = gouk_sigma(tracked.module, tracked.input_shape, 1, state.get("u"))
 
-    def clip_(self, target: Target, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
+    def clip_(self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
         """``W ← W / max(1, σ/value)`` with the power-iteration estimate ``σ``.
 
         Args:
-            target: a layer target with its input shape.
+            tracked: a layer map with its input shape.
             value: the clip value.
             state: holds ``"u"``.
             init: the tracked top right singular vectors: a warm start for measuring the written layer.
@@ -389,6 +389,6 @@ class Gouk(ClipMethod):
             padding other than zeros it can be well above ``value``); ``changed`` whether the weight was divided.
         """
         before, estimate, state["u"] = gouk_clip_(
-            target.module, value, target.input_shape, self.n_iter_clip, state.get("u")
+            tracked.module, value, tracked.input_shape, self.n_iter_clip, state.get("u")
         )
-        return measured_result(target, value, before, estimate, before > value, init)
+        return measured_result(tracked, value, before, estimate, before > value, init)

@@ -29,7 +29,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from lightning_specclip.methods.base import ClipMethod
 from lightning_specclip.spectral.exact import _conv_geometry, _ints, circular_frequency_matrices
-from lightning_specclip.targets import Target
+from lightning_specclip.targets import TrackedMap
 
 __all__ = ["PADDING_MODES", "GramRegularizer", "gram_iteration_bound", "gram_regularizer"]
 
@@ -197,13 +197,13 @@ def gram_regularizer(
 
 
 class GramRegularizer(ClipMethod):
-    """Gram-iteration regularizer (Delattre et al. 2023) as a callback method: it never clips.
+    """Gram-iteration regularizer (Delattre et al. 2023) as a clip method: it never clips.
 
-    After every backward pass the callback adds ``weight · ∇ relu(bound − target)²`` to each layer's
-    gradient, where ``bound`` is :func:`gram_iteration_bound` of the layer (circular padding: the layer's
-    own norm; zero padding: a certified bound through a larger circular grid). Linear layers use their exact
-    spectral norm. Reflect/replicate padding and transposed convolutions are tracked only (no certified
-    bound here).
+    After every backward pass the clipper (:meth:`~lightning_specclip.SpectralClipper.penalize`) adds
+    ``weight · ∇ relu(bound − target)²`` to each layer's gradient, where ``bound`` is
+    :func:`gram_iteration_bound` of the layer (circular padding: the layer's own norm; zero padding: a
+    certified bound through a larger circular grid). Linear layers use their exact spectral norm.
+    Reflect/replicate padding and transposed convolutions are tracked only (no certified bound here).
 
     Args:
         weight: the regularization strength.
@@ -222,45 +222,45 @@ class GramRegularizer(ClipMethod):
         self.weight = weight
         self.n_iter = n_iter
 
-    def supports(self, target: Target) -> bool:
+    def supports(self, tracked: TrackedMap) -> bool:
         """Linear layers and convolutions (not transposed) with zero or circular padding.
 
         Args:
-            target: a target.
+            tracked: a map.
 
         Returns:
             bool: whether a penalty is defined for it (BatchNorm targets are clamped as by every method).
         """
-        module = target.module
-        if target.kind == "batchnorm" or isinstance(module, nn.Linear):
+        module = tracked.module
+        if tracked.kind == "batchnorm" or isinstance(module, nn.Linear):
             return True
         return (
-            target.kind == "layer"
+            tracked.kind == "layer"
             and isinstance(module, _ConvNd)
             and not module.transposed
             and module.padding_mode in PADDING_MODES
             and not isinstance(module.padding, str)
         )
 
-    def penalty(self, target: Target, value: float) -> Tensor | None:
-        """``weight · relu(bound − value)²`` for a layer target, attached to its weight.
+    def penalty(self, tracked: TrackedMap, value: float) -> Tensor | None:
+        """``weight · relu(bound − value)²`` for a layer tracked, attached to its weight.
 
         Args:
-            target: a layer target with its input shape.
+            tracked: a layer map with its input shape.
             value: the target spectral norm.
 
         Returns:
             Tensor | None: the penalty, or ``None`` for targets it does not regularize.
         """
-        module = target.module
-        if target.kind != "layer" or not self.supports(target) or self.weight == 0:
+        module = tracked.module
+        if tracked.kind != "layer" or not self.supports(tracked) or self.weight == 0:
             return None
         if isinstance(module, nn.Linear):
             sigma = torch.linalg.matrix_norm(module.weight.float(), ord=2)
             return self.weight * torch.relu(sigma - value) ** 2
         return self.weight * gram_regularizer(
             module.weight,
-            target.input_shape[1:],
+            tracked.input_shape[1:],
             value,
             self.n_iter,
             stride=module.stride,

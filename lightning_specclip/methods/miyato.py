@@ -41,7 +41,7 @@ from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult
-from lightning_specclip.targets import Target
+from lightning_specclip.targets import TrackedMap
 
 __all__ = ["Miyato", "miyato_clip_", "miyato_sigma", "reshaped_kernel"]
 
@@ -243,7 +243,7 @@ def _positive_finite(target: float) -> float:
 
 
 class Miyato(ClipMethod):
-    """Miyato et al. (2018) as a callback method: power iteration on the reshaped kernel, divide the weight.
+    """Miyato et al. (2018) as a clip method: power iteration on the reshaped kernel, divide the weight.
 
     The reshaped-kernel norm is not the norm of a convolution (see :func:`miyato_clip_`), so convolutions end
     up over- or under-clipped; for Linear layers it is exact (up to the power iteration).
@@ -261,22 +261,22 @@ class Miyato(ClipMethod):
     def __init__(self, n_iter_clip: int = 1) -> None:
         self.n_iter_clip = n_iter_clip
 
-    def step(self, target: Target, state: dict[str, Tensor]) -> None:
+    def step(self, tracked: TrackedMap, state: dict[str, Tensor]) -> None:
         """One power iteration on the reshaped kernel, warm-started from ``state["u"]``.
 
         Args:
-            target: a layer target.
+            tracked: a layer tracked.
             state: holds ``"u"``.
         """
         _, state["u"] = miyato_sigma(
-            target.module.weight, 1, state.get("u"), dim=1 if isinstance(target.module, _ConvTransposeNd) else 0
+            tracked.module.weight, 1, state.get("u"), dim=1 if isinstance(tracked.module, _ConvTransposeNd) else 0
         )
 
-    def clip_(self, target: Target, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
+    def clip_(self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
         """``W ← W / max(1, σ/value)`` with the reshaped-kernel estimate ``σ``.
 
         Args:
-            target: a layer target.
+            tracked: a layer tracked.
             value: the clip value.
             state: holds ``"u"``.
             init: the tracked top right singular vectors: a warm start for measuring the written layer.
@@ -286,5 +286,5 @@ class Miyato(ClipMethod):
             after it, and ``after`` (with ``spectrum``) the layer's true spectral norm measured on the written
             weights (for a convolution typically off the target); ``changed`` whether the weight was divided.
         """
-        before, estimate, state["u"] = miyato_clip_(target.module, value, self.n_iter_clip, state.get("u"))
-        return measured_result(target, value, before, estimate, before > value, init)
+        before, estimate, state["u"] = miyato_clip_(tracked.module, value, self.n_iter_clip, state.get("u"))
+        return measured_result(tracked, value, before, estimate, before > value, init)

@@ -22,7 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
 from lightning_specclip.spectral.exact import _conv_geometry, circular_frequency_matrices
-from lightning_specclip.targets import Target
+from lightning_specclip.targets import TrackedMap
 
 __all__ = ["Senderovich", "senderovich_clip_"]
 
@@ -152,7 +152,7 @@ def senderovich_clip_(
 
 
 class Senderovich(ClipMethod):
-    """FFT clipping (Sedghi et al. 2019; strided: Senderovich et al. 2022) as a callback method.
+    """FFT clipping (Sedghi et al. 2019; strided: Senderovich et al. 2022) as a clip method.
 
     Convolutions (not transposed) are clipped with :func:`senderovich_clip_`: exact for the circular
     surrogate, then projected back to the kernel support, so the layer usually ends above the target (and
@@ -166,25 +166,25 @@ class Senderovich(ClipMethod):
 
     name: ClassVar[str] = "senderovich"
 
-    def supports(self, target: Target) -> bool:
+    def supports(self, tracked: TrackedMap) -> bool:
         """Convolutions (not transposed), Linear layers and BatchNorm.
 
         Args:
-            target: a target.
+            tracked: a map.
 
         Returns:
             bool: whether it can be clipped.
         """
-        module = target.module
-        if target.kind == "batchnorm" or isinstance(module, nn.Linear):
+        module = tracked.module
+        if tracked.kind == "batchnorm" or isinstance(module, nn.Linear):
             return True
-        return target.kind == "layer" and isinstance(module, _ConvNd) and not module.transposed
+        return tracked.kind == "layer" and isinstance(module, _ConvNd) and not module.transposed
 
-    def clip_(self, target: Target, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
-        """Clip ``target`` in the Fourier domain (Linear: exact SVD).
+    def clip_(self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
+        """Clip ``tracked`` in the Fourier domain (Linear: exact SVD).
 
         Args:
-            target: a convolution or Linear target with its input shape.
+            tracked: a convolution or Linear map with its input shape.
             value: the clip value.
             state: unused.
             init: the tracked top right singular vectors: a warm start for measuring the written layer.
@@ -195,7 +195,7 @@ class Senderovich(ClipMethod):
             norm measured on the written weights; ``changed`` whether the kernel was written. For ``Linear``:
             the exact dense clip's result.
         """
-        if isinstance(target.module, nn.Linear):
-            return clip_spectral_norm_(target.module, value)
-        before, estimate = senderovich_clip_(target.module, value, target.input_shape[1:])
-        return measured_result(target, value, before, estimate, before > value, init)
+        if isinstance(tracked.module, nn.Linear):
+            return clip_spectral_norm_(tracked.module, value)
+        before, estimate = senderovich_clip_(tracked.module, value, tracked.input_shape[1:])
+        return measured_result(tracked, value, before, estimate, before > value, init)

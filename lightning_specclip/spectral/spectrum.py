@@ -25,9 +25,10 @@ from torch import Tensor
 
 from lightning_specclip.spectral.operator import ImplicitLinear, Op
 
-__all__ = ["METHODS", "Spectrum", "spectrum"]
+__all__ = ["SOLVERS", "Spectrum", "spectrum"]
 
-METHODS = ("auto", "krylov", "power_qr", "subspace")
+#: the solvers :func:`spectrum` runs
+SOLVERS = ("krylov", "power_qr", "subspace")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Spectrum:
         iters: iterations (blocks) run.
         converged: whether every residual reached the tolerance (``False`` when ``max_iters`` ran out).
         residuals: ``(k,)`` ``‖AᵀA vᵢ − σᵢ² vᵢ‖ / σ₁²`` of the returned vectors.
-        method: the solver that ran.
+        solver: the solver that ran.
     """
 
     values: Tensor
@@ -53,7 +54,7 @@ class Spectrum:
     iters: int
     converged: bool
     residuals: Tensor = field(repr=False)
-    method: str = "krylov"
+    solver: str = "krylov"
 
     @property
     def sigma(self) -> float:
@@ -248,7 +249,7 @@ def spectrum(
     input_shape: Sequence[int] | None = None,
     k: int = 1,
     *,
-    method: str = "auto",
+    solver: str = "krylov",
     init: Tensor | None = None,
     tol: float = 1e-5,
     max_iters: int | None = None,
@@ -271,7 +272,7 @@ def spectrum(
         input_shape: the shape of one input without the batch dimension, e.g. ``(C, H, W)``; the spectrum
             of a convolution depends on it. Not needed when ``op`` is an :class:`ImplicitLinear`.
         k: how many singular values to return (``1 ≤ k ≤ dim``, where ``dim`` is the input size).
-        method: ``"auto"`` or ``"krylov"`` (block Krylov with Rayleigh–Ritz, the default), ``"power_qr"``
+        solver: ``"krylov"`` (block Krylov with Rayleigh–Ritz, the default), ``"power_qr"``
             (the published PowerQR, for comparison), or ``"subspace"`` (unshifted subspace iteration with
             Rayleigh–Ritz; its values are those of the vectors it started the last iteration from, and
             ``right`` holds the vectors after that iteration's power step: the cheap per-step update).
@@ -295,7 +296,7 @@ def spectrum(
         Spectrum: values, right and left singular vectors, the work spent and whether it converged.
 
     Raises:
-        ValueError: unknown ``method``; ``k`` not in ``[1, dim]``; a bad ``input_shape`` or ``init``; ``tol``
+        ValueError: unknown ``solver``; ``k`` not in ``[1, dim]``; a bad ``input_shape`` or ``init``; ``tol``
             or ``max_iters`` not positive; ``op`` not affine (see :class:`ImplicitLinear`).
 
     Example:
@@ -304,8 +305,8 @@ def spectrum(
         >>> s.values.shape, s.right.shape, s.converged
         (torch.Size([2]), torch.Size([2, 3, 16, 16]), True)
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; allowed: {', '.join(SOLVERS)}")
     if not (isinstance(tol, float | int) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     if max_iters is not None and max_iters < 1:
@@ -325,9 +326,9 @@ def spectrum(
         raise ValueError("init contains non-finite values")
     if init is not None and init.numel() // A.in_features > max(block, k):
         raise ValueError(f"init holds {init.numel() // A.in_features} vectors; at most {max(block, k)} are used")
-    if method == "power_qr":
+    if solver == "power_qr":
         values, vecs, res, matvecs, iters, converged = _power_qr(A, k, init, tol, max_iters or 10000, seed)
-    elif method == "subspace":
+    elif solver == "subspace":
         values, vecs, res, matvecs, iters, converged = _subspace(A, k, init, tol, max_iters or 10000, seed)
     else:
         basis = basis_size or max(20, 4 * block + 2 * k)
@@ -349,5 +350,5 @@ def spectrum(
         iters=iters,
         converged=converged,
         residuals=res.to(torch.float64),
-        method="krylov" if method == "auto" else method,
+        solver=solver,
     )

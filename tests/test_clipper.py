@@ -1,0 +1,216 @@
+"""SpectralClipper outside Lightning's Trainer: a plain PyTorch loop, the optimizer-attached mode, Fabric, and a GAN
+under Lightning's manual optimization. Every bound is checked in float64 (dense SVD or ARPACK) on the layer as it is."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_specclip import SpectralClipCallback, SpectralClipper
+from lightning_specclip.spectral.exact import dense_singular_values, lanczos_singular_values
+from tests.test_callback import scaled, small_cnn, trainer, weights_hash
+
+
+def true_sigma(module: nn.Module, shape) -> float:
+    """σ₁ of the module at ``shape`` in float64 (a dense SVD up to 2048 inputs, ARPACK beyond): independent of the
+    clipper's own numbers."""
+    if math.prod(shape) <= 2048:
+        return float(dense_singular_values(module, shape)[0])
+    return float(lanczos_singular_values(module, shape, k=1, tol=1e-8, dtype=torch.float64).values[0])
+
+
+def batches(shape, n_batches: int, batch_size: int = 4, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.rand((batch_size, *shape), generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
+        for _ in range(n_batches)
+    ]
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, data, clipper: SpectralClipper | None, attached: bool) -> None:
+    model.train()
+    for x, y in data:
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if clipper is not None and not attached:
+            clipper.step()
+
+
+def resnet18() -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return scaled(torchvision.models.resnet18(num_classes=10), 2.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attached", [False, True], ids=["plain-loop", "optimizer-attached"])
+def test_resnet18_in_a_plain_loop_holds_every_layer(attached: bool) -> None:
+    net = resnet18()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    clipper = SpectralClipper(net, 1.0, optimizer=opt if attached else None, every_n_steps=2, warmup_iters=30)
+    data = batches((3, 32, 32), 3)
+    train(net, opt, data[:2], clipper, attached)  # step 2 is a clip step
+    assert clipper.num_steps == 2 and not clipper.dirty
+    assert len(clipper.maps) == 21  # 20 convolutions and the fc layer, each at the shape it ran at
+    assert all(count >= 1 for count in clipper.clips.values())  # every layer started at twice its norm: clipped
+    if attached:  # the bound holds right after the clip step, inside optimizer.step(), with no clip() after it
+        for m in clipper.maps:
+            assert true_sigma(m.module, m.input_shape) <= 1.02, m.name
+    train(net, opt, data[2:], clipper, attached)
+    assert clipper.num_steps == 3 and clipper.dirty  # step 3 moved the weights after the clip
+    clipper.clip()
+    assert not clipper.dirty
+    for m in clipper.maps:
+        assert true_sigma(m.module, m.input_shape) <= 1.02, m.name
+    clipper.remove()
+
+
+def test_the_first_step_fixes_the_maps_from_training_mode_forwards_only() -> None:
+    torch.manual_seed(0)
+    net = scaled(small_cnn(), 3.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    clipper = SpectralClipper(net, 1.0, every_n_steps=1, warmup_iters=30)
+    net.eval()
+    with torch.no_grad():
+        net[:6](torch.rand(2, 1, 12, 12))  # the convolutions evaluated at another size: not a training shape
+    train(net, opt, batches((1, 8, 8), 1), clipper, attached=False)
+    assert {m.name: m.input_shape for m in clipper.maps} == {"0": (1, 8, 8), "3": (4, 8, 8), "7": (64,)}
+    assert true_sigma(net[0], (1, 8, 8)) <= 1.02 and true_sigma(net[3], (4, 8, 8)) <= 1.02
+
+
+def test_resume_in_a_plain_loop_is_exact() -> None:
+    def run(split: int | None) -> str:
+        torch.manual_seed(0)
+        net = scaled(small_cnn(), 3.0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        clipper = SpectralClipper(net, 1.0, optimizer=opt, every_n_steps=2, warmup_iters=20)
+        data = batches((1, 8, 8), 6)
+        if split is None:
+            train(net, opt, data, clipper, attached=True)
+            return weights_hash(net)
+        train(net, opt, data[:split], clipper, attached=True)
+        saved = {"model": net.state_dict(), "opt": opt.state_dict(), "clipper": clipper.state_dict()}
+        clipper.remove()
+        torch.manual_seed(1)  # a fresh process: other random state
+        net2 = small_cnn()
+        net2.load_state_dict(saved["model"])
+        opt2 = torch.optim.SGD(net2.parameters(), lr=0.05, momentum=0.9)
+        opt2.load_state_dict(saved["opt"])
+        clipper2 = SpectralClipper(net2, 1.0, optimizer=opt2, every_n_steps=2, warmup_iters=20)
+        clipper2.load_state_dict(saved["clipper"])
+        train(net2, opt2, data[split:], clipper2, attached=True)
+        assert clipper2.num_steps == 6
+        return weights_hash(net2)
+
+    assert run(3) == run(None)
+
+
+def test_a_regularizer_without_penalize_says_so() -> None:
+    net = small_cnn()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    clipper = SpectralClipper(net, 0.5, method="gram", optimizer=opt)
+    with pytest.warns(UserWarning, match="call penalize"):
+        train(net, opt, batches((1, 8, 8), 1), clipper, attached=True)
+
+
+def test_remove_takes_every_hook_away() -> None:
+    net = small_cnn()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    clipper = SpectralClipper(net, 1.0, optimizer=opt)
+    clipper.remove()
+    train(net, opt, batches((1, 8, 8), 2), None, attached=True)
+    assert clipper.num_steps == 0 and clipper.maps == []
+    assert not net[0]._forward_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_fabric_loop() -> None:
+    from lightning.fabric import Fabric
+
+    torch.manual_seed(0)
+    net = scaled(small_cnn(), 3.0)
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model, opt = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9))
+    clipper = SpectralClipper(model, 1.0, optimizer=opt, every_n_steps=2, warmup_iters=30)
+    model.train()
+    for x, y in batches((1, 8, 8), 3):
+        fabric.backward(nn.functional.cross_entropy(model(x), y))
+        opt.step()
+        opt.zero_grad()
+    clipper.clip()
+    assert clipper.num_steps == 3
+    assert [m.name for m in clipper.maps] == ["0", "3", "7"]  # the model's own names, not Fabric's wrapper's
+    for m in clipper.maps:
+        assert true_sigma(m.module, m.input_shape) <= 1.02, m.name
+
+
+# ---------------------------------------------------------------- a GAN under manual optimization
+class GAN(pl.LightningModule):
+    """A small conv GAN trained with manual optimization: a discriminator step, then a generator step.
+
+    Right before each generator step it records the discriminator's true norms (what G trains against), and
+    the generator's, by ARPACK in float64.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(
+            nn.Linear(8, 4 * 4 * 4), nn.Unflatten(1, (4, 4, 4)), nn.ConvTranspose2d(4, 1, 4, 2, 1)
+        )
+        self.discriminator = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 8 * 8, 1)
+        )
+        scaled(self.generator, 3.0)
+        scaled(self.discriminator, 3.0)
+        with torch.no_grad():
+            self.generator[2].weight.mul_(3.0)
+        self.seen_by_generator: list[dict[str, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        real = batch[0]
+        opt_d, opt_g = self.optimizers()
+        z = torch.randn(real.shape[0], 8)
+        fake = self.generator(z)
+        d_loss = nn.functional.softplus(-self.discriminator(real)).mean()
+        d_loss = d_loss + nn.functional.softplus(self.discriminator(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        d = self.discriminator
+        self.seen_by_generator.append(
+            {
+                "discriminator.0": true_sigma(d[0], (1, 8, 8)),
+                "discriminator.3": true_sigma(d[3], (256,)),
+                "generator.2": true_sigma(self.generator[2], (4, 4, 4)),
+            }
+        )
+        g_loss = nn.functional.softplus(-self.discriminator(self.generator(z))).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.SGD(self.discriminator.parameters(), lr=0.05),
+            torch.optim.SGD(self.generator.parameters(), lr=0.05),
+        ]
+
+
+def test_gan_discriminator_clipped_on_its_own_steps_before_the_generator_step() -> None:
+    torch.manual_seed(0)
+    gan = GAN()
+    callback = SpectralClipCallback(1.0, optimizer=0, modules=["discriminator"], every_n_steps=1, warmup_iters=30)
+    data = DataLoader(TensorDataset(torch.rand(12, 1, 8, 8)), batch_size=4)
+    trainer(max_steps=6, callbacks=[callback]).fit(gan, data)  # 3 batches: 3 D steps and 3 G steps
+    assert {m.name for m in callback.maps} == {"discriminator.0", "discriminator.3"}
+    assert callback.clipper.num_steps == 3  # the discriminator's steps only
+    assert len(gan.seen_by_generator) == 3
+    for seen in gan.seen_by_generator:  # every G step trained against a clipped D
+        assert seen["discriminator.0"] <= 1.02 and seen["discriminator.3"] <= 1.02, seen
+        assert seen["generator.2"] > 1.5  # the generator is not touched
