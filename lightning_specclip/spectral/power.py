@@ -102,13 +102,16 @@ class PowerStep:
         return list(self.values), list(self.vectors)
 
     def _run(self) -> None:
+        # The products run per operator; everything else is a handful of multi-tensor (foreach) ops for all of
+        # them together. σ₁ of the incoming x is ‖A x‖/‖x‖ (= √(xᵀAᵀA x / xᵀx), read off the forward product).
         tiny = torch.finfo(self.vectors[0].dtype).tiny
-        for A, x, value in zip(self.operators, self.vectors, self.values, strict=True):
-            g, _ = A.gram(x)
-            flat_x, flat_g = x.reshape(-1), g.reshape(-1)
-            theta = torch.dot(flat_x, flat_g) / torch.dot(flat_x, flat_x).clamp_min(tiny)
-            value.copy_(theta.clamp_min(0).sqrt())
-            x.copy_(g / flat_g.norm().clamp_min(tiny))
+        products = [A.gram(x) for A, x in zip(self.operators, self.vectors, strict=True)]
+        grams, images = [g for g, _ in products], [y for _, y in products]
+        image_norms = torch.stack(torch._foreach_norm(images))
+        vector_norms = torch.stack(torch._foreach_norm(self.vectors))
+        torch._foreach_copy_(self.values, list((image_norms / vector_norms.clamp_min(tiny)).view(-1, 1).unbind()))
+        gram_norms = torch._foreach_clamp_min(torch._foreach_norm(grams), tiny)
+        torch._foreach_copy_(self.vectors, torch._foreach_div(grams, gram_norms))
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         saved = [x.clone() for x in self.vectors]

@@ -1,0 +1,27 @@
+"""Smoke test of the clipper-cost benchmark: a tiny run completes and its counts say what they should."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_events.py"
+
+
+def test_tiny_events_benchmark(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_events", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_events"] = bench
+    spec.loader.exec_module(bench)
+    out = tmp_path / "events.md"
+    args = ["--width", "2", "--batch-size", "4", "--drift", "2", "--repeats", "1", "--methods", "fastclip"]
+    text = bench.main([*args, "--out", str(out)])
+    assert out.read_text().strip() == text.strip()
+    rows = [r.strip("|").split("|") for r in text.splitlines() if r.startswith("| fastclip")]
+    event, per_step, warmup = ([c.strip() for c in r] for r in rows)
+    assert float(event[3]) > 1 and float(event[6]) <= 1.02  # it measured and clipped every layer
+    assert per_step[1] == "per-step" and int(per_step[3]) == 21  # one product per map per step
+    assert int(per_step[5]) == 0  # the per-step update never waits for the device
+    assert warmup[1] == "warm-up" and int(warmup[3]) > int(per_step[3])
