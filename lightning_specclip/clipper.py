@@ -15,7 +15,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_specclip.methods import METHODS, ClipMethod
-from lightning_specclip.spectral.clip import NotLinearInWeightError, check_clippable, clip_spectral_norm_
+from lightning_specclip.spectral.clip import (
+    NotLinearInWeightError,
+    _positive_finite,
+    check_clippable,
+    clip_spectral_norm_,
+)
 from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.power import PowerStep
 from lightning_specclip.spectral.spectrum import Spectrum, spectrum
@@ -44,16 +49,6 @@ class _MapState:
     values: Tensor | None = None
     clips: int = 0
     method_state: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _positive(name: str, value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from err
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
 
 
 def _count(name: str, value: Any, minimum: int) -> int:
@@ -150,9 +145,9 @@ def check_options(
     if isinstance(target, Mapping):
         if not target:
             raise ValueError("target mapping is empty; give at least one pattern: value")
-        target = {str(p): _positive(f"target[{p!r}]", v) for p, v in target.items()}
+        target = {str(p): _positive_finite(v, f"target[{p!r}]") for p, v in target.items()}
     else:
-        target = _positive("target", target)
+        target = _positive_finite(target)
     return {
         "target": target,
         "modules": list(modules) if modules is not None else None,

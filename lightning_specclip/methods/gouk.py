@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_specclip.methods.base import ClipMethod, measured_result
-from lightning_specclip.spectral.clip import ClipResult
+from lightning_specclip.spectral.clip import ClipResult, _positive_finite
 from lightning_specclip.targets import TrackedMap
 
 __all__ = ["SUPPORTED", "Gouk", "gouk_clip_", "gouk_sigma", "operator_pair"]
@@ -235,16 +235,6 @@ def gouk_sigma(
 
 
 # Clipping with the estimate
-
-
-def _positive_finite(target: float) -> float:
-    try:
-        value = float(target)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"target must be a positive finite number, got {target!r}") from err
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"target must be a positive finite number, got {target!r}")
-    return value
 
 
 def gouk_clip_(

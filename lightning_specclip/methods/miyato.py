@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_specclip.methods.base import ClipMethod, measured_result
-from lightning_specclip.spectral.clip import ClipResult
+from lightning_specclip.spectral.clip import ClipResult, _positive_finite
 from lightning_specclip.targets import TrackedMap
 
 __all__ = ["Miyato", "miyato_clip_", "miyato_sigma", "reshaped_kernel"]
@@ -230,16 +230,6 @@ def miyato_clip_(
 
 def _isfinite(value: float) -> bool:
     return abs(value) < float("inf")  # False for inf and NaN
-
-
-def _positive_finite(target: float) -> float:
-    try:
-        value = float(target)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"target must be a positive finite number, got {target!r}") from err
-    if not (_isfinite(value) and value > 0):
-        raise ValueError(f"target must be a positive finite number, got {target!r}")
-    return value
 
 
 class Miyato(ClipMethod):

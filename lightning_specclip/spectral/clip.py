@@ -133,15 +133,21 @@ def _batchnorm_scale(bn: _BatchNorm, gamma: Tensor | None) -> Tensor:
     return scale
 
 
+def _positive_finite(value: object, name: str = "target") -> float:
+    """``value`` as a float, or a ``ValueError`` naming it unless it is a positive finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from err
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
 def _check_args(target: float, mode: str, tol: float) -> float:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    try:
-        target = float(target)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"target must be a positive finite number, got {target!r}") from err
-    if not (math.isfinite(target) and target > 0):
-        raise ValueError(f"target must be a positive finite number, got {target!r}")
+    target = _positive_finite(target)
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     return target
