@@ -21,7 +21,8 @@ import argparse
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,8 +37,9 @@ COMPARED = ("fastclip", "gouk", "miyato")
 _SYNCS = ("aten::_local_scalar_dense", "aten::item")
 
 
-def _count_products() -> Callable[[], int]:
-    """Count the vectors that go through any ``ImplicitLinear.apply`` from now on; returns a reader."""
+@contextmanager
+def _count_products() -> Iterator[Callable[[], int]]:
+    """Count the vectors that go through any ``ImplicitLinear.apply`` inside the block; yields a reader."""
     count = [0]
     original = operator.ImplicitLinear.apply
 
@@ -46,7 +48,10 @@ def _count_products() -> Callable[[], int]:
         return original(self, x, *args, **kwargs)
 
     operator.ImplicitLinear.apply = counted  # type: ignore[method-assign]
-    return lambda: count[0]
+    try:
+        yield lambda: count[0]
+    finally:
+        operator.ImplicitLinear.apply = original  # type: ignore[method-assign]
 
 
 def _measure(
@@ -146,10 +151,10 @@ def main(argv: list[str] | None = None) -> str:
 
     torch.manual_seed(0)
     x, y = torch.rand(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
-    products = _count_products()
     rows, work = [], []
     for method in args.methods:
-        measured, maps, worst = _run_method(method, args, x, y, products)
+        with _count_products() as products:
+            measured, maps, worst = _run_method(method, args, x, y, products)
         seconds, n_products, ops, syncs = measured["event"]
         rows.append(
             f"| {method} | {seconds * 1e3:.0f} | {seconds / maps * 1e3:.1f} | {n_products / maps:.1f} | "
