@@ -14,6 +14,10 @@ runs.
     python experiments/bench_overhead.py --width 16 --batch-size 128 --steps 200 --methods fastclip --repeats 3
     python experiments/bench_overhead.py --width 16 --batch-size 128 --steps 200 --methods fastclip --rusage
     python experiments/bench_overhead.py --device cuda --width 64 --batch-size 128 --steps 600
+    python experiments/bench_overhead.py --model torchvision:mobilenet_v3_small --steps 20 --every-n-steps 5
+
+``--model torchvision:NAME`` trains an unmodified torchvision model (random weights, 10 classes) instead: a short
+fine-tuning-like run, where the warm-up and the clip events are most of the cost.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -79,12 +84,23 @@ def _time_hooks(callback: pl.Callback, spent: list[float]) -> None:
         setattr(callback, hook, timed)
 
 
+def _network(args: argparse.Namespace) -> nn.Module:
+    """The network: the project's ResNet-18 at ``--width``, or ``torchvision:NAME`` as torchvision builds it."""
+    if args.model == "resnet18":
+        return ResNet18(width=args.width)
+    return torchvision.models.get_model(args.model.removeprefix("torchvision:"), weights=None, num_classes=10)
+
+
+def _describe(args: argparse.Namespace) -> str:
+    return f"ResNet-18 (width {args.width})" if args.model == "resnet18" else args.model
+
+
 def _fit(
     args: argparse.Namespace, method: str | None, state: dict, loader: DataLoader, track_every: int = 1
 ) -> tuple[float, float, nn.Module, tuple[float, float, int]]:
     """Fit time, time in the callback's hooks, the trained network, and (CPU user s, CPU sys s, minor page faults)
     of the process during the fit."""
-    net = ResNet18(width=args.width)
+    net = _network(args)
     net.load_state_dict(state)
     callbacks = []
     spent = [0.0]
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> str:
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--model", default="resnet18", help="resnet18 (the project's, see --width) or torchvision:NAME (e.g. resnet18)"
+    )
     parser.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64 is the standard model)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300)
@@ -157,7 +176,7 @@ def main(argv: list[str] | None = None) -> str:
     pl.seed_everything(0)
     data = TensorDataset(torch.rand(args.batch_size * 16, 3, 32, 32), torch.randint(0, 10, (args.batch_size * 16,)))
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
-    state = ResNet18(width=args.width).state_dict()
+    state = _network(args).state_dict()
     _fit(argparse.Namespace(**{**vars(args), "steps": 5}), "fastclip", state, loader)  # warm caches and kernels
 
     runs: list[tuple[str, int]] = [(method, 1) for method in args.methods]
@@ -192,7 +211,7 @@ def main(argv: list[str] | None = None) -> str:
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'x86_64'})"
     lines = [
-        f"ResNet-18 (width {args.width}) on 3×32×32, batch {args.batch_size}, {args.steps} steps, device: {device}, "
+        f"{_describe(args)} on 3×32×32, batch {args.batch_size}, {args.steps} steps, device: {device}, "
         f"torch threads: {torch.get_num_threads()}",
         f"schedule: warm-up 100 iterations, 1 iteration per step, clip every {args.every_n_steps} steps, "
         f"target {args.target}",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_specclip import Spectrum, spectrum
 from lightning_specclip.spectral.exact import dense_matrix, dense_singular_values
-from lightning_specclip.spectral.spectrum import SOLVERS
+from lightning_specclip.spectral.spectrum import SOLVERS, gap_free_steps
 
 Factory = Callable[[], nn.Module | Callable[[Tensor], Tensor]]
 
@@ -322,8 +322,8 @@ def test_refuses_k_out_of_range(k: int) -> None:
 
 
 def test_refuses_unknown_solver() -> None:
-    with pytest.raises(ValueError, match="unknown solver 'lanczos'") as info:
-        spectrum(nn.Linear(5, 3), (5,), solver="lanczos")
+    with pytest.raises(ValueError, match="unknown solver 'arnoldi'") as info:
+        spectrum(nn.Linear(5, 3), (5,), solver="arnoldi")
     assert all(m in str(info.value) for m in SOLVERS)
 
 
@@ -337,3 +337,65 @@ def test_refuses_bad_tol_iters_and_init() -> None:
         spectrum(lin, (5,), init=torch.ones(1, 4))
     with pytest.raises(ValueError, match="non-finite"):
         spectrum(lin, (5,), init=torch.full((1, 5), float("nan")))
+
+
+# The gap-free solver: σ₁ whatever the spectrum
+
+
+def _diagonal_conv(values: Tensor) -> nn.Conv2d:
+    """A depthwise 5×5 convolution (padding 2) on 1×1 inputs: the map ``diag(values)``, as in EfficientNet's last
+    stages on small images (only the centre tap ever meets the input)."""
+    n = values.numel()
+    conv = nn.Conv2d(n, n, 5, padding=2, groups=n, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, 0, 2, 2] = values
+    return conv
+
+
+def _crowded(n: int = 1152) -> Tensor:
+    """|N(0, 1)| values: many singular values crowd just below the largest one."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(5)).abs()
+
+
+def test_gap_free_finds_sigma_where_a_residual_test_stops_below_it() -> None:
+    values = _crowded()
+    conv, shape, true = _diagonal_conv(values), (values.numel(), 1, 1), float(values.max())
+    # The failure the solver exists for: a residual test stops on a Ritz pair among the crowd below σ₁.
+    stopped = [spectrum(conv, shape, block_size=1, tol=1e-2, seed=s, left=False).sigma for s in range(40)]
+    assert min(stopped) < 0.99 * true
+    steps = gap_free_steps(values.numel(), 0.0075)
+    for seed in range(40):
+        found = spectrum(conv, shape, solver="gap_free", tol=0.0075, seed=seed, left=False)
+        assert (1 - 0.0075) * true <= found.sigma <= true * (1 + 1e-6), seed
+        assert found.iters == found.matvecs == steps and found.converged and found.solver == "gap_free"
+
+
+def test_gap_free_is_exact_when_its_steps_span_the_space() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3, padding=1)
+    truth = dense_singular_values(conv, (2, 3))
+    found = spectrum(conv, (2, 3), solver="gap_free", tol=0.0075)
+    assert found.iters == 6  # gap_free_steps caps at the dimension
+    torch.testing.assert_close(found.values.double(), truth[:1], rtol=1e-5, atol=1e-6)
+    assert found.left is not None and found.left.shape == (1, 3, 3)
+
+
+def test_gap_free_refuses_what_would_void_its_guarantee() -> None:
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    with pytest.raises(ValueError, match="needs k=1 and no init"):
+        spectrum(conv, (2, 8, 8), solver="gap_free", k=2, tol=0.01)
+    with pytest.raises(ValueError, match="needs k=1 and no init"):
+        spectrum(conv, (2, 8, 8), solver="gap_free", init=torch.randn(1, 2, 8, 8), tol=0.01)
+    with pytest.raises(ValueError, match="relative accuracy below 1"):
+        spectrum(conv, (2, 8, 8), solver="gap_free", tol=1.5)
+    with pytest.raises(ValueError, match=r"needs \d+ steps"):
+        spectrum(conv, (2, 8, 8), solver="gap_free", tol=0.01, max_iters=3)
+    with pytest.raises(ValueError, match="tol, failure in"):
+        gap_free_steps(100, 0.01, failure=0.0)
+
+
+def test_gap_free_steps_grow_with_accuracy_confidence_and_size() -> None:
+    assert gap_free_steps(16384, 0.01) < gap_free_steps(16384, 0.005)
+    assert gap_free_steps(16384, 0.01, failure=1e-2) < gap_free_steps(16384, 0.01, failure=1e-4)
+    assert gap_free_steps(1024, 0.01) < gap_free_steps(1 << 20, 0.01)

@@ -21,10 +21,11 @@ class FastClip(ClipMethod):
     rescale if the rounds fall short).
 
     The defaults are the paper's training schedule: each clip moves the weights once so that the layer maps
-    its top right singular vector ``v`` to ``c/σ₁ · A v`` (one least-squares round on one vector), then a cold
-    measurement decides, and an exact rescale removes whatever is left above the target (for example a second
-    singular value that was above it too). More rounds and a larger block move fewer other singular values,
-    at about one measurement more per round.
+    its tracked top right singular vector ``v`` to ``c/‖A v‖ · A v`` (one least-squares round on one vector),
+    then a measurement from a random vector that finds σ₁ whatever the spectrum (``solver="gap_free"`` of
+    :func:`~lightning_specclip.spectrum`) decides, and an exact rescale removes whatever is left above the
+    target (for example a second singular value that was above it too). More rounds and a larger block move
+    fewer other singular values, at about one measurement more per round.
 
     Args:
         max_rounds: least-squares rounds per clip before the exact rescale.

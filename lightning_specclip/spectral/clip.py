@@ -68,8 +68,11 @@ class ClipResult:
     """What :func:`clip_spectral_norm_` (or a clipping method) did.
 
     Attributes:
-        before: spectral norm before the call (for the baselines in :mod:`lightning_specclip.methods`: the
-            method's own estimate, which decides whether it writes).
+        before: spectral norm before the call. With a warm start (``spectrum=``) on a map above the target it
+            is the largest gain of the map on the warm vectors (one Rayleigh–Ritz step: a lower bound on σ₁,
+            tight when they are a training loop's tracked vectors); otherwise measured to ``tol``. For the
+            baselines in :mod:`lightning_specclip.methods`: the method's own estimate, which decides whether
+            it writes.
         after: spectral norm after the call, measured on the weights as written (float64 SVD for dense layers,
             the exact clamp for BatchNorm, :func:`~lightning_specclip.spectrum` otherwise); never a predicted value.
         target: the requested value.
@@ -324,8 +327,12 @@ def _clip_dense(layer: nn.Linear, bn: _BatchNorm | None, target: float, mode: st
     )
 
 
-def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int) -> Tensor:
-    """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS."""
+def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
+    """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS.
+
+    Stops after ``iters`` iterations, or as soon as ``‖A_Δ V − rhs‖ ≤ atol`` (the images of ``V`` are then within
+    ``atol`` of where they should go: more accuracy would be rounding on top of the final check's tolerance).
+    """
     tensors = A.tensors
 
     def apply(delta: Tensor) -> Tensor:
@@ -347,6 +354,8 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int)
         step = gamma / denom
         delta = delta + step * direction
         residual = residual - step * image
+        if residual.pow(2).sum() <= atol**2:
+            break
         (grad,) = vjp(residual)
         gamma_new = grad.pow(2).sum()
         direction = grad + (gamma_new / gamma) * direction
@@ -374,27 +383,37 @@ def _clip_iterative(
     if linear_part(module) is None:  # standard layers are linear in their weight by construction
         A.check_linear_in(param)
     block = max(1, min(block_size, A.in_features))
-    extra = min(4, A.in_features - block)  # random vectors beside the warm start, so no new top is missed
+    extra = min(4, A.in_features - block)  # random vectors beside a block of k > 1, which converges faster with them
     if init is not None:
         init = init.reshape(-1, *A.input_shape)[:block]
 
-    # Every measurement stops at a residual ‖AᵀA v − σ²v‖ ≤ tol·σ₁²: its σ is then within tol/2 of a singular
-    # value (in practice far closer: the error of a Ritz value is about the squared residual over the gap),
-    # and the decisions below leave a margin of tol/4 on the target, so what is written is within tol.
-    def measure(start: Tensor | None, round_seed: int, k: int, extra_: int) -> Spectrum:
-        return spectrum(A, k=k, init=start, block_size=k + extra_, tol=tol, seed=round_seed)
+    # What is written is decided by measurements that find σ₁ whatever the spectrum: gap-free Lanczos from a random
+    # vector (within `certain` relative, with probability ≥ 1 − GAP_FREE_FAILURE). A measurement stopped by a residual
+    # test can settle on a singular value below σ₁ when many crowd there, and one started from warm vectors can
+    # stay on them while another singular value is above the target; nothing either returns would show it. The
+    # decisions leave a margin of tol/4 on the target, and `certain` is what keeps the result within tol of it.
+    certain = 0.75 * tol / (1 + tol)
 
-    # A warm start needs no random vectors beside it here: the cold final measurement below decides what is
-    # written, and a warm "already below the target" is confirmed cold before the weights are left alone.
+    def certify(round_seed: int, left: bool = False) -> Spectrum:
+        return spectrum(A, solver="gap_free", tol=certain, seed=round_seed, left=left)
+
+    # The least-squares rounds only need directions to move: a residual test (‖AᵀA v − σ²v‖ ≤ tol·σ₁²) is enough.
+    def measure(start: Tensor | None, round_seed: int, k: int, iters: int | None = None) -> Spectrum:
+        size = k + extra if start is None and k > 1 else k  # a warm block needs no random vectors beside it
+        return spectrum(A, k=k, init=start, block_size=size, tol=tol, max_iters=iters, seed=round_seed)
+
+    # A warm start (the tracked vectors of a training loop) is used as it is: one Rayleigh–Ritz step gives the
+    # values and images the first round moves, as the paper's FastClip moves its tracked vector.
     warm = init is not None
-    current = measure(init, seed, block, 0 if warm else extra)
-    if mode == "clip" and warm and current.sigma <= target * (1 + tol / 4):
-        current = measure(None, seed, block, extra)
+    current = measure(init, seed, block, iters=1) if warm else measure(None, seed, block)
+    if mode == "clip" and current.sigma <= target * (1 + tol / 4):  # perhaps nothing to do: make sure
+        confirmed = certify(seed, left=True)  # (its images, for the round that follows if it is above)
+        if confirmed.sigma <= target * (1 + tol / 4):
+            return ClipResult(confirmed.sigma, confirmed.sigma, target, 0, True, False, confirmed, changed=False)
+        current = confirmed if block == 1 else measure(confirmed.right, seed, block)
     before = current.sigma
-    if mode == "set" and before == 0.0:
+    if mode == "set" and before == 0.0 and certify(seed).sigma == 0.0:
         raise ValueError("the layer's linear map is zero: its spectral norm cannot be set")
-    if mode == "clip" and before <= target * (1 + tol / 4):  # nothing to do: the weights stay as they are
-        return ClipResult(before, before, target, 0, True, False, current, changed=False)
     rounds = 0
     fresh = True  # whether `current` was measured on the present working weight
     # Least-squares rounds while σ₁ is above the target (or, in set mode, away from it).
@@ -405,7 +424,7 @@ def _clip_iterative(
         shape = (-1, *[1] * len(A.output_shape))
         rhs = (new_values - current.values).view(shape) * current.left
         moving = new_values != current.values
-        delta = _cgls(A, param, current.right[moving], rhs[moving], cg_iters)
+        delta = _cgls(A, param, current.right[moving], rhs[moving], cg_iters, atol=tol / 8 * target)
         if not torch.isfinite(delta).all():
             raise RuntimeError("the least-squares step produced non-finite values; the module was left unchanged")
         work.add_(delta)
@@ -413,9 +432,8 @@ def _clip_iterative(
         fresh = rounds < max_rounds
         if not fresh:  # the last round: the final check below measures its result
             break
-        current = measure(current.right, seed + rounds, block, 0)  # direction finding: the final check decides
-    # A cold start (random vectors only) for the final measurement: a warm start can miss a new top.
-    final = measure(None, seed + rounds + 1, 1, extra)
+        current = measure(current.right, seed + rounds, block)  # direction finding: the final check decides
+    final = certify(seed + rounds + 1)
     if fresh and current.sigma > final.sigma:
         final = current
     # The map is linear in the weight: scaling it lands σ₁ on the target from either side (and scales the whole
@@ -486,7 +504,9 @@ def clip_spectral_norm_(
         mode: ``"clip"`` lowers a norm above ``target`` to it and leaves a smaller one alone; ``"set"``
             makes the norm equal to ``target`` from either side.
         spectrum: a :class:`~lightning_specclip.Spectrum` (or just its ``.right`` vectors, ``(j, *input_shape)``)
-            from :func:`~lightning_specclip.spectrum` or a previous result, to warm-start from.
+            from :func:`~lightning_specclip.spectrum` or a previous result, to warm-start the least-squares rounds
+            from (the first round moves them as they are, after one Rayleigh–Ritz step; the measurements that
+            decide what is written always start from random vectors).
         tol: relative tolerance on the final norm.
         max_rounds: least-squares rounds before the exact-scaling fallback.
         block_size: singular vectors handled per round.

@@ -12,6 +12,12 @@ layer per block of vectors):
 * ``"subspace"``: subspace iteration without shift, with a Rayleigh–Ritz step: one ``AᵀA`` block per
   iteration gives the Ritz values of the current vectors and the next, better vectors. This is the cheap
   warm-started update used once per training step.
+* ``"gap_free"``: σ₁ alone, by Lanczos from one random vector for a number of steps fixed in advance, so that
+  σ₁ is within ``tol`` with probability at least ``1 − GAP_FREE_FAILURE`` *whatever the spectrum*. A residual
+  test cannot give that: when many singular values crowd below σ₁ (a depthwise convolution on a 1×1 input is a
+  diagonal map of 1152 of them) a Ritz pair among them reaches a small residual before σ₁'s direction has grown
+  out of the random start, and the measurement stops at the wrong value. This is the measurement a clip
+  decides on.
 """
 
 from __future__ import annotations
@@ -25,10 +31,46 @@ from torch import Tensor
 
 from lightning_specclip.spectral.operator import ImplicitLinear, Op
 
-__all__ = ["SOLVERS", "Spectrum", "spectrum"]
+__all__ = ["GAP_FREE_FAILURE", "SOLVERS", "Spectrum", "gap_free_steps", "spectrum"]
 
 #: the solvers :func:`spectrum` runs
-SOLVERS = ("krylov", "power_qr", "subspace")
+SOLVERS = ("krylov", "power_qr", "subspace", "gap_free")
+
+#: probability that a ``"gap_free"`` measurement misses σ₁ by more than its ``tol`` (for the worst spectrum)
+GAP_FREE_FAILURE = 1e-3
+
+
+def gap_free_steps(n: int, tol: float, failure: float = GAP_FREE_FAILURE) -> int:
+    """Lanczos steps from a random start after which σ₁ is within ``tol`` with probability ``≥ 1 − failure``.
+
+    Kuczyński and Woźniakowski (1992, "Estimating the largest eigenvalue by the power and Lanczos algorithms
+    with a random start") bound the probability that ``m`` steps of Lanczos on a positive semi-definite ``n × n``
+    matrix from a uniformly random unit vector leave the largest Ritz value below ``(1 − ε)·λ₁`` by
+    ``1.648·√n·exp(−√ε·(2m − 1))``, for every distribution of the eigenvalues. For ``AᵀA``, ``λ₁ = σ₁²``, and
+    σ₁ within ``tol`` relative needs ``ε = 1 − (1 − tol)²``.
+
+    Args:
+        n: the input dimension of ``A`` (the size of ``AᵀA``).
+        tol: relative accuracy wanted on σ₁, in ``(0, 1)``.
+        failure: probability allowed of missing it, in ``(0, 1)``.
+
+    Returns:
+        int: the number of steps (never more than ``n``: then the Krylov space is the whole space, and exact).
+
+    Raises:
+        ValueError: ``tol`` or ``failure`` outside ``(0, 1)``, or ``n < 1``.
+
+    Example:
+        >>> gap_free_steps(16384, 0.0075)
+        51
+        >>> gap_free_steps(10, 0.0075)
+        10
+    """
+    if not (0 < tol < 1 and 0 < failure < 1) or n < 1:
+        raise ValueError(f"need n >= 1 and tol, failure in (0, 1); got n={n}, tol={tol}, failure={failure}")
+    eps = 1 - (1 - tol) ** 2
+    steps = math.ceil((math.log(1.648 * math.sqrt(n) / failure) / math.sqrt(eps) + 1) / 2)
+    return min(max(steps, 1), n)
 
 
 @dataclass
@@ -208,6 +250,43 @@ def _power_qr(
     return values, X.T, res, matvecs, iters, converged
 
 
+def _gap_free(A: ImplicitLinear, steps: int, seed: int) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
+    """``steps`` Lanczos steps on ``AᵀA`` from one seeded Gaussian vector, fully reorthogonalized (the projected
+    matrix is ``Vᵀ AᵀA V`` of the orthonormal basis ``V``), then the top Ritz pair. No restart: the bound of
+    :func:`gap_free_steps` is for the whole Krylov space. Stops earlier only at an invariant subspace (exact)."""
+    n = A.in_features
+    V = torch.empty((steps, n), dtype=A.dtype, device=A.device)
+    columns = []
+    v = _random(A, 1, seed).T
+    v = v / v.norm().clamp_min(torch.finfo(A.dtype).tiny)
+    beta = torch.zeros((), dtype=A.dtype, device=A.device)
+    m = 0
+    for j in range(steps):
+        V[j] = v[0]
+        W, _ = A.gram(v.reshape(1, *A.input_shape))
+        W = W.reshape(1, n)
+        size = W.norm()
+        basis = V[: j + 1]
+        coeffs = W @ basis.T
+        W = W - coeffs @ basis
+        again = W @ basis.T
+        W = W - again @ basis
+        columns.append(coeffs + again)
+        m = j + 1
+        beta = W.norm()
+        if m == steps or bool(beta <= 10 * torch.finfo(A.dtype).eps * size):  # done, or an invariant subspace
+            break
+        v = W / beta
+    H = torch.zeros((m, m), dtype=torch.float64)
+    for j, column in enumerate(columns):
+        H[j, : j + 1] = H[: j + 1, j] = column[0].double().cpu()
+    theta, S = torch.linalg.eigh(H)
+    top = max(float(theta[-1]), 1e-300)
+    vec = S[:, -1:].T.to(A.device, A.dtype) @ V[:m]
+    res = (abs(float(S[-1, -1])) * float(beta) / top) * torch.ones(1, dtype=torch.float64)
+    return theta[-1:].clamp_min(0).sqrt(), vec, res, m, m, True
+
+
 def _normalize(X: Tensor) -> Tensor:
     return X / X.norm(dim=0).clamp_min(torch.finfo(X.dtype).tiny)
 
@@ -273,15 +352,17 @@ def spectrum(
             of a convolution depends on it. Not needed when ``op`` is an :class:`ImplicitLinear`.
         k: how many singular values to return (``1 ≤ k ≤ dim``, where ``dim`` is the input size).
         solver: ``"krylov"`` (block Krylov with Rayleigh–Ritz, the default), ``"power_qr"``
-            (the published PowerQR, for comparison), or ``"subspace"`` (unshifted subspace iteration with
+            (the published PowerQR, for comparison), ``"subspace"`` (unshifted subspace iteration with
             Rayleigh–Ritz; its values are those of the vectors it started the last iteration from, and
-            ``right`` holds the vectors after that iteration's power step: the cheap per-step update).
+            ``right`` holds the vectors after that iteration's power step: the cheap per-step update), or
+            ``"gap_free"`` (σ₁ within ``tol`` relative with probability ``≥ 1 − GAP_FREE_FAILURE`` whatever the
+            spectrum: Lanczos from a random vector for :func:`gap_free_steps` steps; ``k = 1``, no ``init``).
         init: warm start, e.g. ``previous.right``: ``(j, *input_shape)`` vectors, ``j ≤ block size``; the
             rest of the starting block is random.
         tol: stopping tolerance. Krylov: every returned pair has ``‖AᵀA v − σ² v‖ ≤ tol·σ₁²`` (the squared
             singular values are then within ``tol·σ₁²`` of true ones, so ``σ₁`` is accurate to about
             ``tol/2`` relative, usually far better). PowerQR: the largest relative change of a value over
-            one iteration.
+            one iteration. Gap-free: the relative accuracy of σ₁ (below 1), which fixes the number of steps.
         max_iters: most iterations (blocks of ``AᵀA`` applications); default 1000 for Krylov, 10000 for
             PowerQR.
         dtype: compute dtype (float32 by default, float64 when the module holds float64 tensors).
@@ -326,7 +407,19 @@ def spectrum(
         raise ValueError("init contains non-finite values")
     if init is not None and init.numel() // A.in_features > max(block, k):
         raise ValueError(f"init holds {init.numel() // A.in_features} vectors; at most {max(block, k)} are used")
-    if solver == "power_qr":
+    if solver == "gap_free":
+        if k != 1 or init is not None:
+            raise ValueError(
+                f"the gap_free solver measures σ₁ from a random start: it needs k=1 and no init, got k={k} and "
+                f"{'no init' if init is None else 'an init'}"
+            )
+        if not tol < 1:
+            raise ValueError(f"the gap_free solver's tol is a relative accuracy below 1, got {tol!r}")
+        steps = gap_free_steps(A.in_features, tol)
+        if max_iters is not None and max_iters < steps:
+            raise ValueError(f"the gap_free solver needs {steps} steps for tol={tol:g}; max_iters={max_iters}")
+        values, vecs, res, matvecs, iters, converged = _gap_free(A, steps, seed)
+    elif solver == "power_qr":
         values, vecs, res, matvecs, iters, converged = _power_qr(A, k, init, tol, max_iters or 10000, seed)
     elif solver == "subspace":
         values, vecs, res, matvecs, iters, converged = _subspace(A, k, init, tol, max_iters or 10000, seed)
