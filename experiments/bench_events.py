@@ -9,7 +9,8 @@ operator products (vectors through ``A``: the measurements' ``AᵀA`` products, 
 products, and for the baselines our measurement of what they wrote, which their own papers do not pay), ATen
 ops dispatched (each one a kernel launch on a GPU) and host synchronizations (``item``/``_local_scalar_dense``:
 each one a wait for the device on a GPU), counted with ``torch.profiler`` on the CPU. Then the same for one
-per-step update and for the warm-up (the first step).
+per-step update (also with every layer's products run alone, beside the grouped convolutions ``PowerStep`` runs
+on a CPU) and for the warm-up (the first step).
 
     python experiments/bench_events.py                        # width 16, writes reports/bench_events.md
     python experiments/bench_events.py --width 4 --drift 2    # smoke test
@@ -31,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_specclip import SpectralClipper
 from lightning_specclip.models import ResNet18
-from lightning_specclip.spectral import operator
+from lightning_specclip.spectral import operator, power
 
 COMPARED = ("fastclip", "gouk", "miyato")
 _SYNCS = ("aten::_local_scalar_dense", "aten::item")
@@ -39,19 +40,26 @@ _SYNCS = ("aten::_local_scalar_dense", "aten::item")
 
 @contextmanager
 def _count_products() -> Iterator[Callable[[], int]]:
-    """Count the vectors that go through any ``ImplicitLinear.apply`` inside the block; yields a reader."""
+    """Count the vectors that go through any ``ImplicitLinear.apply`` inside the block, and those the per-step
+    update runs side by side in one grouped convolution (one per layer of the group); yields a reader."""
     count = [0]
-    original = operator.ImplicitLinear.apply
+    original, grouped = operator.ImplicitLinear.apply, power.PowerStep._products
 
     def counted(self: operator.ImplicitLinear, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         count[0] += x.shape[0]
         return original(self, x, *args, **kwargs)
 
+    def counted_grouped(self: power.PowerStep) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        count[0] += sum(len(group) for group in self._groups if len(group) > 1)  # the others go through apply
+        return grouped(self)
+
     operator.ImplicitLinear.apply = counted  # type: ignore[method-assign]
+    power.PowerStep._products = counted_grouped  # type: ignore[method-assign]
     try:
         yield lambda: count[0]
     finally:
         operator.ImplicitLinear.apply = original  # type: ignore[method-assign]
+        power.PowerStep._products = grouped  # type: ignore[method-assign]
 
 
 def _measure(
@@ -112,6 +120,11 @@ def _run_method(
         train_step()
         clipper.step()
     measured["per-step"] = _measure(lambda: clipper.step, products, args.repeats * 5)
+    grouped = clipper._power
+    if grouped is not None:  # the same update with every layer's products run alone (no grouped convolutions)
+        clipper._power = power.PowerStep(grouped.operators, group=False)
+        measured["per-step, every layer alone"] = _measure(lambda: clipper.step, products, args.repeats * 5)
+        clipper._power = grouped
     saved_net, saved_clipper = copy.deepcopy(net.state_dict()), clipper.state_dict()
 
     def event() -> Callable[[], None]:
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> str:
             f"| {method} | {seconds * 1e3:.0f} | {seconds / maps * 1e3:.1f} | {n_products / maps:.1f} | "
             f"{ops / maps:.0f} | {syncs / maps:.1f} | {worst:.4f} |"
         )
-        for name in ("per-step", "warm-up"):
+        for name in [n for n in ("per-step", "per-step, every layer alone", "warm-up") if n in measured]:
             seconds, n_products, ops, syncs = measured[name]
             work.append(f"| {method} | {name} | {seconds * 1e3:.1f} | {n_products} | {ops} | {syncs} |")
     lines = [

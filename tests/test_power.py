@@ -95,3 +95,26 @@ def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch
     assert not step.graph
     torch.testing.assert_close(values, expected_values)
     torch.testing.assert_close(vectors, expected_vectors)
+
+
+def test_layers_of_one_geometry_run_as_one_grouped_convolution_with_the_same_results() -> None:
+    torch.manual_seed(0)
+    same = [nn.Conv2d(4, 6, 3, stride=2, padding=1) for _ in range(3)]  # one geometry: grouped on a CPU
+    other = [nn.Conv2d(4, 6, 3, padding=1), nn.Conv1d(4, 6, 3, padding=1), nn.Conv1d(4, 6, 3, padding=1)]
+    wide = [nn.Conv2d(128, 64, 1) for _ in range(2)]  # more than 64·64 channel pairs: alone
+    layers = [(m, (4, 9, 9)) for m in [*same, other[0]]] + [(m, (4, 11)) for m in other[1:]]
+    layers += [(m, (128, 3, 3)) for m in wide]
+    operators = [ImplicitLinear(m, shape) for m, shape in layers]
+    step = PowerStep(operators)
+    assert sorted(map(len, step._groups)) == [1, 1, 1, 2, 3]  # the 3 alike, the 2 Conv1d, the rest alone
+    starts = [torch.randn(1, *shape) for _, shape in layers]
+    values, vectors = step(starts)
+    for A, v, value, vector in zip(operators, starts, values, vectors, strict=True):
+        g, y = A.gram(v)  # the layer alone
+        torch.testing.assert_close(value, y.norm().view(1) / v.norm(), rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(vector, g / g.norm(), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the grouped weights are read where they live: in-place updates are seen
+        same[1].weight.mul_(3.0)
+    again, _ = step([v / v.norm() for v in starts])
+    _, y = operators[1].gram(starts[1] / starts[1].norm())
+    torch.testing.assert_close(again[1], y.norm().view(1), rtol=1e-5, atol=0.0)

@@ -399,3 +399,15 @@ def test_gap_free_steps_grow_with_accuracy_confidence_and_size() -> None:
     assert gap_free_steps(16384, 0.01) < gap_free_steps(16384, 0.005)
     assert gap_free_steps(16384, 0.01, failure=1e-2) < gap_free_steps(16384, 0.01, failure=1e-4)
     assert gap_free_steps(1024, 0.01) < gap_free_steps(1 << 20, 0.01)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gap_free_past_an_invariant_subspace_stays_exact(seed: int) -> None:
+    """A map of rank 10 on 64 inputs: the Krylov space is invariant after 10 steps and the remaining steps must add
+    nothing (normalized rounding noise is not orthogonal to the basis and gave Ritz values above σ₁)."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(64, 10)
+    truth = float(torch.linalg.matrix_norm(lin.weight.detach().double(), 2))
+    found = spectrum(lin, (64,), solver="gap_free", tol=0.0075, seed=seed)
+    assert found.iters == gap_free_steps(64, 0.0075) > 10  # steps past the invariant subspace
+    assert found.sigma == pytest.approx(truth, rel=1e-5)

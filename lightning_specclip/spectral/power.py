@@ -6,11 +6,34 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lightning_specclip.spectral.operator import ImplicitLinear
 
 __all__ = ["PowerStep"]
+
+_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+#: on a CPU, convolutions with at most this many (input, output) channel pairs run grouped (see _group_key)
+_GROUPED_MAX_CHANNELS = 64 * 64
+
+
+def _group_key(A: ImplicitLinear) -> tuple | None:
+    """Operators with one key run their products together as one grouped convolution (``None``: alone).
+
+    Plain zero-padded convolutions of one geometry and input shape with at most 64·64 channel pairs: there a
+    batch-1 convolution runs far below a CPU's speed, and one grouped convolution of several layers runs them
+    faster; wider layers ran as fast alone, or faster (oneDNN on x86).
+    """
+    m = A.op
+    if type(m) not in _CONVS or not A.closed_form or not A.live:
+        return None
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return None
+    if m.in_channels * m.out_channels // m.groups > _GROUPED_MAX_CHANNELS:
+        return None
+    return (type(m), m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+            A.input_shape, A.dtype)  # fmt: skip
 
 
 class PowerStep:
@@ -19,6 +42,10 @@ class PowerStep:
     This is the paper's per-step tracking: after each optimizer step every layer's top right singular vector
     moves by one power iteration from where the previous step left it, and ``σ₁`` is read as the Rayleigh
     quotient ``√(vᵀAᵀA v / vᵀv)`` of the incoming vector (a lower bound that tightens as ``v`` converges).
+
+    On a CPU, plain zero-padded convolutions of one geometry and input shape (up to 64·64 channel pairs) run
+    their products as one grouped convolution: a batch-1 convolution of a narrow layer runs far below the
+    machine's speed, and several side by side run faster (``experiments/bench_events.py`` times both).
 
     The work per layer is a handful of tiny kernels, so on a GPU the host that launches them is the
     bottleneck, not the device. On a CUDA device the steps of all the operators are therefore captured once
@@ -30,6 +57,7 @@ class PowerStep:
     Args:
         operators: operators with a closed form (:attr:`ImplicitLinear.closed_form`), all on one device.
         graph: capture a CUDA graph; default: when the operators are on a CUDA device.
+        group: run convolutions of one geometry as one grouped convolution; default: on a CPU.
 
     Raises:
         ValueError: no operators, an operator without a closed form, operators on several devices, or
@@ -46,7 +74,9 @@ class PowerStep:
         True
     """
 
-    def __init__(self, operators: Sequence[ImplicitLinear], *, graph: bool | None = None) -> None:
+    def __init__(
+        self, operators: Sequence[ImplicitLinear], *, graph: bool | None = None, group: bool | None = None
+    ) -> None:
         self.operators = list(operators)
         if not self.operators:
             raise ValueError("PowerStep needs at least one operator")
@@ -60,6 +90,17 @@ class PowerStep:
         self.graph = self.device.type == "cuda" if graph is None else graph
         if self.graph and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs operators on a CUDA device; they are on {self.device}")
+        # Operators run alone or several of one geometry as one grouped convolution (indices).
+        group = self.device.type == "cpu" if group is None else group
+        together: dict[tuple, list[int]] = {}
+        self._groups: list[list[int]] = []
+        for i, A in enumerate(self.operators):
+            key = _group_key(A) if group else None
+            if key is None:
+                self._groups.append([i])
+            else:
+                together.setdefault(key, []).append(i)
+        self._groups += together.values()
         self.vectors = [A.zeros(1) for A in self.operators]  # the graph's inputs and outputs, updated in place
         self.values = [torch.zeros(1, dtype=A.dtype, device=A.device) for A in self.operators]
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -105,13 +146,37 @@ class PowerStep:
         # The products run per operator; everything else is a handful of multi-tensor (foreach) ops for all of
         # them together. σ₁ of the incoming x is ‖A x‖/‖x‖ (= √(xᵀAᵀA x / xᵀx), read off the forward product).
         tiny = torch.finfo(self.vectors[0].dtype).tiny
-        products = [A.gram(x) for A, x in zip(self.operators, self.vectors, strict=True)]
+        products = self._products()
         grams, images = [g for g, _ in products], [y for _, y in products]
         image_norms = torch.stack(torch._foreach_norm(images))
         vector_norms = torch.stack(torch._foreach_norm(self.vectors))
         torch._foreach_copy_(self.values, list((image_norms / vector_norms.clamp_min(tiny)).view(-1, 1).unbind()))
         gram_norms = torch._foreach_clamp_min(torch._foreach_norm(grams), tiny)
         torch._foreach_copy_(self.vectors, torch._foreach_div(grams, gram_norms))
+
+    def _products(self) -> list[tuple[Tensor, Tensor]]:
+        """``(AᵀA x, A x)`` for every operator and its vector, in order."""
+        out: list[tuple[Tensor, Tensor]] = [None] * len(self.operators)  # type: ignore[list-item]
+        for group in self._groups:
+            if len(group) == 1:
+                out[group[0]] = self.operators[group[0]].gram(self.vectors[group[0]])
+                continue
+            # Layers i = 1..G side by side: their inputs stacked along the channels and their weights along the
+            # output channels make one convolution with G times the groups, whose output and input gradient are
+            # the layers' ones side by side.
+            m = self.operators[group[0]].op
+            weight = torch.cat([self.operators[i].tensors["weight"] for i in group])
+            x = torch.cat([self.vectors[i] for i in group], dim=1)
+            groups = len(group) * m.groups
+            y = _CONVS[type(m)](x, weight, None, m.stride, m.padding, m.dilation, groups)
+            zeros = (0,) * len(m.kernel_size)
+            mask = (True, False, False)
+            g = torch.ops.aten.convolution_backward(
+                y, x, weight, None, m.stride, m.padding, m.dilation, False, zeros, groups, mask
+            )[0]
+            for i, gi, yi in zip(group, g.split(m.in_channels, 1), y.split(m.out_channels, 1), strict=True):
+                out[i] = (gi, yi)
+        return out
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         saved = [x.clone() for x in self.vectors]
