@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_specclip import Spectrum, spectrum
 from lightning_specclip.spectral.exact import dense_matrix, dense_singular_values
-from lightning_specclip.spectral.spectrum import SOLVERS, gap_free_steps
+from lightning_specclip.spectral.spectrum import GAP_FREE_DENSE_MAX, SOLVERS, gap_free_steps
 
 Factory = Callable[[], nn.Module | Callable[[Tensor], Tensor]]
 
@@ -371,14 +371,19 @@ def test_gap_free_finds_sigma_where_a_residual_test_stops_below_it() -> None:
         assert found.iters == found.matvecs == steps and found.converged and found.solver == "gap_free"
 
 
-def test_gap_free_is_exact_when_its_steps_span_the_space() -> None:
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_gap_free_is_exact_on_small_maps(padding_mode: str) -> None:
     torch.manual_seed(0)
-    conv = nn.Conv1d(2, 3, 3, padding=1)
-    truth = dense_singular_values(conv, (2, 3))
-    found = spectrum(conv, (2, 3), solver="gap_free", tol=0.0075)
-    assert found.iters == 6  # gap_free_steps caps at the dimension
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode)
+    shape = (3, 7, 7)  # 147 inputs: at most GAP_FREE_DENSE_MAX, measured from the dense AᵀA
+    truth = dense_singular_values(conv, shape)
+    found = spectrum(conv, shape, solver="gap_free", tol=0.0075)
+    assert found.iters == 1 and found.matvecs == 147
     torch.testing.assert_close(found.values.double(), truth[:1], rtol=1e-5, atol=1e-6)
-    assert found.left is not None and found.left.shape == (1, 3, 3)
+    u = found.left.reshape(-1).double()
+    v = found.right.reshape(-1).double()
+    assert float(v.norm()) == pytest.approx(1.0, abs=1e-5) and float(u.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert gap_free_steps(147, 0.0075) < 147 < GAP_FREE_DENSE_MAX  # Lanczos would not span the space here
 
 
 def test_gap_free_refuses_what_would_void_its_guarantee() -> None:
@@ -403,11 +408,11 @@ def test_gap_free_steps_grow_with_accuracy_confidence_and_size() -> None:
 
 @pytest.mark.parametrize("seed", range(5))
 def test_gap_free_past_an_invariant_subspace_stays_exact(seed: int) -> None:
-    """A map of rank 10 on 64 inputs: the Krylov space is invariant after 10 steps and the remaining steps must add
+    """A map of rank 10 on 600 inputs: the Krylov space is invariant after 10 steps and the remaining steps must add
     nothing (normalized rounding noise is not orthogonal to the basis and gave Ritz values above σ₁)."""
     torch.manual_seed(seed)
-    lin = nn.Linear(64, 10)
+    lin = nn.Linear(600, 10)
     truth = float(torch.linalg.matrix_norm(lin.weight.detach().double(), 2))
-    found = spectrum(lin, (64,), solver="gap_free", tol=0.0075, seed=seed)
-    assert found.iters == gap_free_steps(64, 0.0075) > 10  # steps past the invariant subspace
+    found = spectrum(lin, (600,), solver="gap_free", tol=0.0075, seed=seed)
+    assert found.iters == gap_free_steps(600, 0.0075) > 10  # Lanczos steps past the invariant subspace
     assert found.sigma == pytest.approx(truth, rel=1e-5)

@@ -16,8 +16,9 @@ layer per block of vectors):
   σ₁ is within ``tol`` with probability at least ``1 − GAP_FREE_FAILURE`` *whatever the spectrum*. A residual
   test cannot give that: when many singular values crowd below σ₁ (a depthwise convolution on a 1×1 input is a
   diagonal map of 1152 of them) a Ritz pair among them reaches a small residual before σ₁'s direction has grown
-  out of the random start, and the measurement stops at the wrong value. This is the measurement a clip
-  decides on.
+  out of the random start, and the measurement stops at the wrong value. Maps of at most ``GAP_FREE_DENSE_MAX``
+  inputs are measured exactly instead (``AᵀA`` from one batch of products, a dense eigensolver). This is the
+  measurement a clip decides on.
 """
 
 from __future__ import annotations
@@ -31,13 +32,16 @@ from torch import Tensor
 
 from lightning_specclip.spectral.operator import ImplicitLinear, Op
 
-__all__ = ["GAP_FREE_FAILURE", "SOLVERS", "Spectrum", "gap_free_steps", "spectrum"]
+__all__ = ["GAP_FREE_DENSE_MAX", "GAP_FREE_FAILURE", "SOLVERS", "Spectrum", "gap_free_steps", "spectrum"]
 
 #: the solvers :func:`spectrum` runs
 SOLVERS = ("krylov", "power_qr", "subspace", "gap_free")
 
 #: probability that a ``"gap_free"`` measurement misses σ₁ by more than its ``tol`` (for the worst spectrum)
 GAP_FREE_FAILURE = 1e-3
+#: maps with at most this many inputs are measured exactly by the ``"gap_free"`` solver instead: ``AᵀA`` formed by
+#: one batch of products on the unit vectors, then a dense symmetric eigensolver
+GAP_FREE_DENSE_MAX = 256
 
 
 def gap_free_steps(n: int, tol: float, failure: float = GAP_FREE_FAILURE) -> int:
@@ -284,6 +288,18 @@ def _gap_free(A: ImplicitLinear, steps: int, seed: int) -> tuple[Tensor, Tensor,
     return theta[-1:].clamp_min(0).sqrt(), vec, res, steps, steps, True
 
 
+def _dense_top(A: ImplicitLinear) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
+    """The exact top singular pair of a small map: ``AᵀA`` from one batch of products on the unit vectors, then a
+    float64 symmetric eigensolver."""
+    n = A.in_features
+    eye = torch.eye(n, dtype=A.dtype, device=A.device).reshape(n, *A.input_shape)
+    gram, _ = A.gram(eye)
+    G = gram.reshape(n, n).double().cpu()
+    theta, S = torch.linalg.eigh((G + G.T) / 2)
+    vec = S[:, -1:].T.to(A.device, A.dtype)
+    return theta[-1:].clamp_min(0).sqrt(), vec, torch.zeros(1, dtype=torch.float64), n, 1, True
+
+
 def _normalize(X: Tensor) -> Tensor:
     return X / X.norm(dim=0).clamp_min(torch.finfo(X.dtype).tiny)
 
@@ -353,7 +369,8 @@ def spectrum(
             Rayleigh–Ritz; its values are those of the vectors it started the last iteration from, and
             ``right`` holds the vectors after that iteration's power step: the cheap per-step update), or
             ``"gap_free"`` (σ₁ within ``tol`` relative with probability ``≥ 1 − GAP_FREE_FAILURE`` whatever the
-            spectrum: Lanczos from a random vector for :func:`gap_free_steps` steps; ``k = 1``, no ``init``).
+            spectrum: Lanczos from a random vector for :func:`gap_free_steps` steps; ``k = 1``, no ``init``;
+            exact, from the dense ``AᵀA``, for maps of at most ``GAP_FREE_DENSE_MAX`` inputs).
         init: warm start, e.g. ``previous.right``: ``(j, *input_shape)`` vectors, ``j ≤ block size``; the
             rest of the starting block is random.
         tol: stopping tolerance. Krylov: every returned pair has ``‖AᵀA v − σ² v‖ ≤ tol·σ₁²`` (the squared
@@ -415,7 +432,10 @@ def spectrum(
         steps = gap_free_steps(A.in_features, tol)
         if max_iters is not None and max_iters < steps:
             raise ValueError(f"the gap_free solver needs {steps} steps for tol={tol:g}; max_iters={max_iters}")
-        values, vecs, res, matvecs, iters, converged = _gap_free(A, steps, seed)
+        if A.in_features <= GAP_FREE_DENSE_MAX:
+            values, vecs, res, matvecs, iters, converged = _dense_top(A)
+        else:
+            values, vecs, res, matvecs, iters, converged = _gap_free(A, steps, seed)
     elif solver == "power_qr":
         values, vecs, res, matvecs, iters, converged = _power_qr(A, k, init, tol, max_iters or 10000, seed)
     elif solver == "subspace":
