@@ -108,6 +108,15 @@ class Spectrum:
         return float(self.values[0])
 
 
+def _project_out(rows: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows`` with their components along the (orthonormal) rows of ``basis`` removed, twice ("twice is
+    enough" in finite precision), and the coefficients removed: the new column of the projected matrix."""
+    coeffs = rows @ basis.T
+    rows = rows - coeffs @ basis
+    again = rows @ basis.T
+    return rows - again @ basis, coeffs + again
+
+
 def _orthonormalize(rows: Tensor, basis: Tensor, drop: float) -> Tensor:
     """Rows of ``rows`` projected off the rows of ``basis`` (twice: "twice is enough") and orthonormalized.
 
@@ -115,9 +124,8 @@ def _orthonormalize(rows: Tensor, basis: Tensor, drop: float) -> Tensor:
     it is dropped, since normalizing rounding noise would give a vector that is not orthogonal.
     """
     before = rows.norm(dim=1)
-    for _ in range(2):
-        if basis.shape[0] > 0:
-            rows = rows - (rows @ basis.T) @ basis
+    if basis.shape[0] > 0:
+        rows = _project_out(rows, basis)[0]
     rows = rows[rows.norm(dim=1) > drop * before.clamp_min(torch.finfo(rows.dtype).tiny)]
     if rows.shape[0] <= 1:  # one row: a normalization is its QR
         return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
@@ -191,12 +199,9 @@ def _krylov(
         matvecs += p
         iters += 1
         basis = V[: m + p]
-        coeffs = W @ basis.T
         size = W.norm(dim=1)
-        W = W - coeffs @ basis
-        again = W @ basis.T
-        W = W - again @ basis
-        column = (coeffs + again).double().cpu()
+        W, coeffs = _project_out(W, basis)
+        column = coeffs.double().cpu()
         H[m : m + p, : m + p] = column
         H[: m + p, m : m + p] = column.T
         m += p
@@ -274,11 +279,8 @@ def _gap_free(A: ImplicitLinear, steps: int, seed: int) -> tuple[Tensor, Tensor,
         W = W.reshape(1, n)
         size = W.norm()
         basis = V[: j + 1]
-        coeffs = W @ basis.T
-        W = W - coeffs @ basis
-        again = W @ basis.T
-        W = W - again @ basis
-        H[j, : j + 1] = H[: j + 1, j] = (coeffs + again)[0]
+        W, coeffs = _project_out(W, basis)
+        H[j, : j + 1] = H[: j + 1, j] = coeffs[0]
         beta = W.norm()
         v = torch.where(beta > drop * size, W / beta.clamp_min(tiny), torch.zeros_like(W))
     theta, S = torch.linalg.eigh(H.double().cpu())
