@@ -1,28 +1,34 @@
 """lightning_specclip: measure and clip the singular values of implicitly linear layers.
 
 The core (:func:`spectrum`, :func:`clip_spectral_norm_`, :mod:`lightning_specclip.spectral.exact`) and the
-training-time controller (:class:`SpectralClipper`, for any training loop) are pure PyTorch;
+training-time controller (:class:`SpectralClipper`, for any training loop) and the network bound
+(:func:`lipschitz_bound`, :class:`CertifiedAccuracy`) are pure PyTorch;
 :class:`SpectralClipCallback` drives a clipper from a Lightning ``Trainer``.
 """
 
 from lightning_specclip.callback import SpectralClipCallback
 from lightning_specclip.clipper import SpectralClipper
+from lightning_specclip.lipschitz import CertifiedAccuracy, LipschitzBound, UnsupportedNodeError, lipschitz_bound
 from lightning_specclip.methods import METHODS, ClipMethod
 from lightning_specclip.spectral import ImplicitLinear, PowerStep, Spectrum, spectrum
 from lightning_specclip.spectral.clip import ClipResult, NotLinearInWeightError, check_clippable, clip_spectral_norm_
 
 __all__ = [
     "METHODS",
+    "CertifiedAccuracy",
     "ClipMethod",
     "ClipResult",
     "ImplicitLinear",
+    "LipschitzBound",
     "NotLinearInWeightError",
     "PowerStep",
     "SpectralClipCallback",
     "SpectralClipper",
     "Spectrum",
+    "UnsupportedNodeError",
     "check_clippable",
     "clip_spectral_norm_",
+    "lipschitz_bound",
     "spectrum",
 ]
 __version__ = "0.1.0"

@@ -353,6 +353,7 @@ def spectrum(
     check_affine: bool = True,
     seed: int = 0,
     left: bool = True,
+    failure: float = GAP_FREE_FAILURE,
 ) -> Spectrum:
     """Compute the ``k`` largest singular values and vectors of the linear map ``x ↦ op(x) − op(0)``.
 
@@ -370,7 +371,7 @@ def spectrum(
             (the published PowerQR, for comparison), ``"subspace"`` (unshifted subspace iteration with
             Rayleigh–Ritz; its values are those of the vectors it started the last iteration from, and
             ``right`` holds the vectors after that iteration's power step: the cheap per-step update), or
-            ``"gap_free"`` (σ₁ within ``tol`` relative with probability ``≥ 1 − GAP_FREE_FAILURE`` whatever the
+            ``"gap_free"`` (σ₁ within ``tol`` relative with probability ``≥ 1 − failure`` whatever the
             spectrum: Lanczos from a random vector for :func:`gap_free_steps` steps; ``k = 1``, no ``init``;
             exact, from the dense ``AᵀA``, for maps of at most ``GAP_FREE_DENSE_MAX`` inputs).
         init: warm start, e.g. ``previous.right``: ``(j, *input_shape)`` vectors, ``j ≤ block size``; the
@@ -388,6 +389,8 @@ def spectrum(
             ``init``. ``False`` skips these checks, which wait for the device: for a training loop's hot path.
         seed: seed of the random starting vectors (the result is deterministic for a given seed).
         left: also compute the left singular vectors (one more application of ``A``).
+        failure: gap-free only: the probability allowed of missing σ₁ by more than ``tol`` (fixes the number of
+            steps with ``tol``; see :func:`gap_free_steps`).
 
     Returns:
         Spectrum: values, right and left singular vectors, the work spent and whether it converged.
@@ -431,7 +434,7 @@ def spectrum(
             )
         if not tol < 1:
             raise ValueError(f"the gap_free solver's tol is a relative accuracy below 1, got {tol!r}")
-        steps = gap_free_steps(A.in_features, tol)
+        steps = gap_free_steps(A.in_features, tol, failure)
         if max_iters is not None and max_iters < steps:
             raise ValueError(f"the gap_free solver needs {steps} steps for tol={tol:g}; max_iters={max_iters}")
         if A.in_features <= GAP_FREE_DENSE_MAX:
