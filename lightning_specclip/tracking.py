@@ -26,7 +26,7 @@ from lightning_specclip.targets import (
     select_modules,
 )
 
-__all__ = ["EpochTimer", "SpectralHistory", "input_shapes", "spectral_norms"]
+__all__ = ["EpochTimer", "SpectralHistory", "ground_truth_sigma", "input_shapes", "spectral_norms"]
 
 #: Operators with at most this many inputs get a dense SVD; larger ones ARPACK.
 DENSE_LIMIT = 2048
@@ -52,7 +52,23 @@ def input_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]
     return dict(recorder.shapes)
 
 
-def _ground_truth(module: nn.Module, shape: tuple[int, ...]) -> float:
+def ground_truth_sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
+    """The spectral norm of a module's linear map at one input shape, in float64: a dense SVD up to
+    ``DENSE_LIMIT`` inputs, ARPACK (tol 1e-8) above.
+
+    Args:
+        module: a layer, a ``Sequential`` of a conv and its BatchNorm, or any affine module.
+        shape: the shape of one input without the batch dimension.
+
+    Returns:
+        float: σ₁.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> _ = layer.weight.data.copy_(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+        >>> ground_truth_sigma(layer, (2,))
+        3.0
+    """
     if math.prod(shape) <= DENSE_LIMIT:
         return float(dense_singular_values(module, shape)[0])
     return float(lanczos_singular_values(module, shape, k=1, tol=1e-8).values[0])
@@ -79,9 +95,9 @@ def spectral_norms(model: nn.Module, example: Tensor) -> dict[str, dict[str, flo
     """
     shapes = input_shapes(model, example)
     modules = named_modules(model)
-    layers = {name: _ground_truth(modules[name], shape) for name, shape in shapes.items()}
+    layers = {name: ground_truth_sigma(modules[name], shape) for name, shape in shapes.items()}
     compositions = {
-        f"{conv}+{bn}": _ground_truth(nn.Sequential(modules[conv], modules[bn]), shapes[conv])
+        f"{conv}+{bn}": ground_truth_sigma(nn.Sequential(modules[conv], modules[bn]), shapes[conv])
         for conv, bn in find_conv_bn_pairs(model)
         if conv in shapes
     }
