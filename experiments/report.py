@@ -14,6 +14,11 @@ Written into ``--out`` (by default the first path):
   composition over the training steps (only for runs that recorded a composition).
 * ``accuracy_vs_target.png``: clean (solid) and robust (dashed, one style per attack) accuracy against the
   clip target, one colour and marker per method, the unclipped ``none`` runs as horizontal references.
+* ``certified_vs_eps.png`` (runs certified by ``train.py``'s ``certify`` group only): accuracy against the ℓ2
+  radius ε, certified (solid) and under PGD-ℓ2 (dashed), one colour and marker per group, a panel per clip
+  target with the unclipped runs in each. The table then has the Lipschitz bound (upper, lower) and, per
+  radius, the certified beside the PGD-ℓ2 accuracy; a run whose certified accuracy exceeds its PGD-ℓ2
+  accuracy (impossible for a sound bound) or whose lower bound exceeds its upper bound is named in red.
 
 Usage::
 
@@ -49,6 +54,7 @@ __all__ = [
     "main",
     "plot_accuracy_vs_target",
     "plot_bn_sigma_over_training",
+    "plot_certified_vs_eps",
     "plot_violin_sigma",
     "render_markdown",
 ]
@@ -58,8 +64,12 @@ REPORT_NAME = "report.md"
 VIOLIN_NAME = "violin_sigma.png"
 BN_NAME = "bn_sigma_over_training.png"
 ACCURACY_NAME = "accuracy_vs_target.png"
+CERTIFIED_NAME = "certified_vs_eps.png"
+#: certified accuracy may exceed PGD-ℓ2 accuracy by this much (float32 rounding; one sample in a million is more)
+CERTIFIED_TOL = 1e-6
 
 #: Display order of the methods (the paper's first, the unclipped reference last); others follow by name.
+_CERTIFY_KEYS = ("certified_acc", "pgd_l2_acc")
 METHOD_ORDER = ("fastclip", "gouk", "miyato", "senderovich", "gram", "none")
 #: Display order of the BatchNorm modes.
 BN_ORDER = ("bn", "no_bn", "bn_clipped", "bn_composed")
@@ -152,6 +162,69 @@ class Run:
                     out[str(name)] = number
         return out
 
+    def radii(self, key: str) -> dict[float, float]:
+        """A ``radius → accuracy`` field (``certified_acc``, ``pgd_l2_acc``), its keys read as numbers.
+
+        Args:
+            key: the field's name.
+
+        Returns:
+            dict[float, float]: its finite entries whose key is a finite number, by radius.
+
+        Example:
+            >>> Run(Path("metrics.json"), {"certified_acc": {"0.1": 0.5, "x": 1.0}}).radii("certified_acc")
+            {0.1: 0.5}
+        """
+        out = {}
+        for name, value in self.mapping(key).items():
+            try:
+                radius = float(name)
+            except ValueError:
+                continue
+            if math.isfinite(radius):
+                out[radius] = value
+        return out
+
+    def excess_radii(self) -> list[float]:
+        """The radii at which the certified accuracy exceeds the PGD-ℓ2 accuracy (by more than ``CERTIFIED_TOL``).
+
+        Impossible for a sound bound: the certified samples resist every perturbation of that norm, the attack's
+        included, and both accuracies are measured on the same samples.
+
+        Returns:
+            list[float]: the radii, ascending.
+
+        Example:
+            >>> metrics = {"certified_acc": {"0.5": 0.6, "1": 0.1}, "pgd_l2_acc": {"0.5": 0.4, "1": 0.3}}
+            >>> Run(Path("metrics.json"), metrics).excess_radii()
+            [0.5]
+        """
+        attacked = self.radii("pgd_l2_acc")
+        certified = self.radii("certified_acc")
+        return sorted(r for r, acc in certified.items() if r in attacked and acc > attacked[r] + CERTIFIED_TOL)
+
+    def violations(self) -> list[str]:
+        """What in this run's certification is impossible for a sound bound (empty when nothing is): certified
+        above PGD-ℓ2 accuracy (:meth:`excess_radii`), an empirical lower bound above the certified upper bound.
+
+        Returns:
+            list[str]: one sentence per violation.
+
+        Example:
+            >>> metrics = {"certified_acc": {"0.5": 0.6}, "pgd_l2_acc": {"0.5": 0.4}}
+            >>> Run(Path("metrics.json"), metrics).violations()
+            ['at ε=0.5: certified 60.0 % > PGD-ℓ2 40.0 %']
+        """
+        found = []
+        bound = self.mapping("lipschitz")
+        upper, lower = bound.get("upper"), bound.get("lower")
+        if upper is not None and lower is not None and lower > upper * (1 + CERTIFIED_TOL):
+            found.append(f"Lipschitz lower bound {lower:.4g} > upper bound {upper:.4g}")
+        certified, attacked = self.radii("certified_acc"), self.radii("pgd_l2_acc")
+        for r in self.excess_radii():
+            found.append(f"at ε={r:g}: certified {100 * certified[r]:.1f} % > PGD-ℓ2 {100 * attacked[r]:.1f} %")
+        return found
+
     @property
     def history(self) -> tuple[list[float], dict[str, list[float]]]:
         """tuple[list[float], dict[str, list[float]]]: the recorded steps and σ series (``NaN`` for gaps)."""
@@ -242,6 +315,18 @@ class Group:
             list[float]: one fraction per run that evaluated it.
         """
         return [acc[name] for run in self.runs if name in (acc := run.mapping("robust_acc"))]
+
+    def at_radius(self, key: str, radius: float) -> list[float]:
+        """Accuracies at one radius over the runs.
+
+        Args:
+            key: ``certified_acc`` or ``pgd_l2_acc``.
+            radius: the ℓ2 radius ε.
+
+        Returns:
+            list[float]: one fraction per run that measured it.
+        """
+        return [acc[radius] for run in self.runs if radius in (acc := run.radii(key))]
 
     def pooled(self, key: str) -> list[float]:
         """All values of a ``name → number`` field over all runs (the violins' data).
@@ -387,6 +472,32 @@ def _attacks(groups: Sequence[Group]) -> list[str]:
     return sorted(names)
 
 
+def _radii(groups: Sequence[Group]) -> list[float]:
+    """The ℓ2 radii at which any run measured certified or PGD-ℓ2 accuracy, ascending."""
+    return sorted({r for g in groups for run in g.runs for key in _CERTIFY_KEYS for r in run.radii(key)})
+
+
+def _bounds(group: Group, which: str) -> list[float]:
+    """The Lipschitz bound ``upper`` or ``lower`` of each run that has it."""
+    return [b[which] for run in group.runs if which in (b := run.mapping("lipschitz"))]
+
+
+def _run_name(run: Run, sources: Sequence[Path]) -> str:
+    """The run's directory, relative to the source directory it was found under when possible."""
+    directory = run.path.parent
+    for source in sources:
+        base = source.resolve()
+        base = base.parent if base.is_file() else base
+        if directory.is_relative_to(base):
+            relative = directory.relative_to(base)
+            return str(Path(base.name) / relative) if str(relative) != "." else base.name
+    return str(directory)
+
+
+def _red(text: str) -> str:
+    return f'<span style="color:red">{text}</span>'
+
+
 def _pct(values: Sequence[float]) -> str:
     if not values:
         return "–"
@@ -423,10 +534,14 @@ def render_markdown(
     attacks = _attacks(groups)
     has_comp = any(run.mapping("spectral_norm_composition") for g in groups for run in g.runs)
     has_bn = any(run.mapping("spectral_norm_batchnorm") for g in groups for run in g.runs)
+    has_bound = any(run.mapping("lipschitz") for g in groups for run in g.runs)
+    radii = _radii(groups)
     n_runs = sum(len(g.runs) for g in groups)
 
     header = [*(e for e in extra), "method", "target", "BN mode", "n", "clean acc (%)"]
     header += [f"{a} acc (%)" for a in attacks]
+    header += ["L upper", "L lower"] if has_bound else []
+    header += [f"ε={r:g}: certified / PGD-ℓ2 (%)" for r in radii]
     header += ["σ layer mean", "σ layer max"]
     header += ["σ conv∘BN max"] if has_comp else []
     header += ["BN gain max"] if has_bn else []
@@ -441,7 +556,21 @@ def render_markdown(
         "*σ layer mean/max* is the mean/max over a run's layers, averaged over runs"
         + ("; *σ conv∘BN max* the largest conv∘BatchNorm composition" if has_comp else "")
         + ("; *BN gain max* the largest BatchNorm gain max |γ|/√(var+ε)" if has_bn else "")
-        + ".",
+        + "."
+        + (
+            " *L upper*: the certified bound on the ℓ2 Lipschitz constant of input → logits (eval mode), composed "
+            "from exact per-layer norms; *L lower*: an empirical lower bound (largest difference quotient at a test "
+            "batch)."
+            if has_bound
+            else ""
+        )
+        + (
+            " *ε: certified / PGD-ℓ2*: the accuracy certified at ℓ2 radius ε (logit margin > √2·L·ε) beside the "
+            "accuracy under PGD-ℓ2 at the same radius, on the same samples; inputs in [0, 1], ℓ2 over the image. "
+            "Certified can never exceed PGD-ℓ2."
+            if radii
+            else ""
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < len(extra) + 3 else "---:" for i in range(len(header))) + "|",
@@ -450,6 +579,11 @@ def render_markdown(
         row = [getattr(g, e) for e in extra] + [g.method, _fmt_target(g.target), g.bn_mode, str(len(g.runs))]
         row.append(_pct(g.values("test_acc")))
         row += [_pct(g.attack(a)) for a in attacks]
+        row += [_num(_bounds(g, "upper"), "#.3g"), _num(_bounds(g, "lower"), "#.3g")] if has_bound else []
+        excess = {r for run in g.runs for r in run.excess_radii()}
+        for r in radii:
+            cell = f"{_pct(g.at_radius('certified_acc', r))} / {_pct(g.at_radius('pgd_l2_acc', r))}"
+            row.append(_red(cell) if r in excess else cell)
         row += [_num(g.per_run("spectral_norm", "mean")), _num(g.per_run("spectral_norm", "max"))]
         row += [_num(g.per_run("spectral_norm_composition", "max"))] if has_comp else []
         row += [_num(g.per_run("spectral_norm_batchnorm", "max"))] if has_bn else []
@@ -460,7 +594,20 @@ def render_markdown(
         VIOLIN_NAME: "Final per-layer spectral norms per method (violins; dashed lines: targets)",
         BN_NAME: "σ of a conv, its BatchNorm and their composition over training",
         ACCURACY_NAME: "Clean and robust accuracy vs. clip target",
+        CERTIFIED_NAME: "Certified (solid) and PGD-ℓ2 (dashed) accuracy vs. ℓ2 radius ε",
     }
+    violations = [(run, v) for g in groups for run in g.runs for v in run.violations()]
+    if violations:
+        lines += [
+            "",
+            _red(
+                f"**Impossible certification in {len({id(run) for run, _ in violations})} run(s)**: certified "
+                "accuracy above the accuracy under PGD-ℓ2 at the same radius, or a Lipschitz lower bound above the "
+                "upper bound — the bound (or the evaluation) is wrong:"
+            ),
+            "",
+        ]
+        lines += [f"- {_red(f'run `{_run_name(run, sources)}`: {v}')}" for run, v in violations]
     lines += ["", "## Figures", ""]
     for name, caption in captions.items():
         if name not in figures:
@@ -837,6 +984,116 @@ def plot_accuracy_vs_target(groups: Sequence[Group], path: Path) -> str | None:
     return None
 
 
+def _series_styles(groups: Sequence[Group]) -> dict[tuple[Any, ...], tuple[str, str]]:
+    """Colour and marker of each series (a group up to its target): the method's own for its most common
+    variant (BatchNorm mode, model, data), the spare styles for the others; stable across panels."""
+    counts: dict[tuple[Any, ...], int] = {}
+    for g in groups:
+        key = (g.method, g.bn_mode, g.model, g.data)
+        counts[key] = counts.get(key, 0) + 1
+    methods = sorted({g.method for g in groups})
+    styles: dict[tuple[Any, ...], tuple[str, str]] = {}
+    spare = iter(_EXTRA_STYLE * (1 + len(counts) // len(_EXTRA_STYLE)))
+    taken: set[str] = set()
+    order = sorted(counts, key=lambda k: (_order(k[0], METHOD_ORDER), -counts[k], _order(k[1], BN_ORDER), k[2:]))
+    for key in order:
+        if key[0] not in taken:
+            taken.add(key[0])
+            styles[key] = _style(key[0], methods)
+        else:
+            styles[key] = next(spare)
+    return styles
+
+
+def plot_certified_vs_eps(groups: Sequence[Group], path: Path) -> str | None:
+    """Certified and PGD-ℓ2 accuracy against the ℓ2 radius ε, one line pair per group.
+
+    Solid lines are the certified accuracy (logit margin > √2·L·ε with the run's Lipschitz bound L), dashed the
+    accuracy under PGD-ℓ2 at the same radius: an empirical upper bound on the robust accuracy, so the gap between
+    a pair is what the bound leaves uncertified. Colour and marker identify the group (the method, and the
+    BatchNorm mode when several); the legend gives each group's mean L. One panel per clip target (and model/data
+    set when several), the unclipped runs in every panel; error bars are the standard deviation over runs.
+
+    Args:
+        groups: the groups.
+        path: the PNG to write.
+
+    Returns:
+        str | None: ``None`` when written, else why not.
+    """
+    shown = [g for g in groups if any(run.radii(key) for run in g.runs for key in _CERTIFY_KEYS)]
+    if not shown:
+        return "no run has `certified_acc` or `pgd_l2_acc` (train.py's certify group was off)"
+    place = _varying(shown, "model", "data")
+
+    def where(g: Group) -> tuple[Any, ...]:
+        return tuple(getattr(g, f) for f in place)
+
+    # a panel per (model, data, target); the unclipped runs join every panel of theirs, or get one of their own
+    keys = {(*where(g), g.target) for g in shown if g.target is not None}
+    keys |= {(*where(g), None) for g in shown if not any(k[:-1] == where(g) for k in keys)}
+    panels: dict[tuple[Any, ...], list[Group]] = {
+        key: [g for g in shown if g.target in (key[-1], None) and where(g) == key[:-1]]
+        for key in sorted(keys, key=lambda k: (k[:-1], k[-1] is None, k[-1] or 0.0))
+    }
+    styles = _series_styles(shown)
+    radii = _radii(shown)
+    _setup_fonts()
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 5.4 * rows), squeeze=False, sharey=True)
+    for ax, (key, members) in zip(axes.flat, panels.items(), strict=False):
+        variant = _varying(members, "bn_mode")
+        for g in members:
+            color, marker = styles[(g.method, g.bn_mode, g.model, g.data)]
+            # the attack first: where the two meet (ε = 0) the certified marker stays visible on top
+            for metric, style in (("pgd_l2_acc", "--"), ("certified_acc", "-")):
+                points = [(r, v) for r in radii if (v := g.at_radius(metric, r))]
+                if not points:
+                    continue
+                ax.errorbar(
+                    [r for r, _ in points],
+                    [100 * statistics.fmean(v) for _, v in points],
+                    yerr=[100 * statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points],
+                    color=color,
+                    linestyle=style,
+                    marker=marker,
+                    markersize=6,
+                    capsize=3,
+                    linewidth=1.8 if style == "-" else 1.4,
+                    markeredgecolor="black",
+                    markeredgewidth=0.5,
+                    markerfacecolor=color if style == "-" else "white",
+                )
+        handles = []
+        for g in members:
+            color, marker = styles[(g.method, g.bn_mode, g.model, g.data)]
+            upper = _bounds(g, "upper")
+            label = _label(g, ["method", *variant]) + (" (unclipped)" if g.target is None else "")
+            label += f", L ≤ {statistics.fmean(upper):.3g}" if upper else ""
+            handles.append(
+                Line2D([], [], color=color, marker=marker, markeredgecolor="black", linestyle="-", label=label)
+            )
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=1)
+        ax.set_xticks(radii, [f"{r:g}" for r in radii])
+        ax.set_xlabel("ℓ2 radius ε (inputs in [0, 1])")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        target = "unclipped" if key[-1] is None else f"clip target c = {key[-1]:g}"
+        ax.set_title(", ".join([*(str(v) for v in key[:-1] if v), target]))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    styles_legend = [
+        Line2D([], [], color="black", linestyle="-", marker="o", label="certified (Lipschitz margin)"),
+        Line2D([], [], color="black", linestyle="--", marker="o", markerfacecolor="white", label="PGD-ℓ2 attack"),
+    ]
+    fig.legend(handles=styles_legend, loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle("Certified vs. empirical robustness: accuracy within an ℓ2 ball of radius ε", y=1.04)
+    _save(fig, path)
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Aggregate the metrics.json of training runs into report.md and the paper's figures."
@@ -877,6 +1134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         BN_NAME: plot_bn_sigma_over_training(groups, out / BN_NAME),
         ACCURACY_NAME: plot_accuracy_vs_target(groups, out / ACCURACY_NAME),
     }
+    if any(run.radii(key) for run in runs for key in _CERTIFY_KEYS):  # else the report is as it always was
+        figures[CERTIFIED_NAME] = plot_certified_vs_eps(groups, out / CERTIFIED_NAME)
     report = out / REPORT_NAME
     report.write_text(render_markdown(groups, figures, args.paths, len(files)))
     written = [name for name, reason in figures.items() if reason is None]

@@ -1,9 +1,14 @@
-"""Train, test and attack one configuration; write metrics.json in the run directory.
+"""Train, test, attack and certify one configuration; write metrics.json in the run directory.
 
     python experiments/train.py                                  # digits, simple_conv, FastClip at 1.0
     python experiments/train.py clip=gouk clip.target=0.5 bn=clipped model.batchnorm=true
     python experiments/train.py -m clip=fastclip,gouk,miyato clip.target=0.5,1.0
     python experiments/train.py experiment=resnet18_cifar10 trainer=gpu
+    python experiments/train.py certify.eps=[0.25,0.5] certify.pgd_l2.steps=50   # or certify=none
+
+After testing, the group ``certify`` (conf/certify/) adds the network's Lipschitz bound (``lipschitz``: certified
+``upper``, empirical ``lower``), the certified accuracy at each radius (``certified_acc``) and the accuracy under
+PGD-ℓ2 at the same radii (``pgd_l2_acc``), keyed by the radius (``"0.1"``).
 
 A run relaunched with the same output directory (``hydra.run.dir=<dir>``) resumes from its last checkpoint.
 """
@@ -12,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterable
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +31,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
 from lightning_specclip import SpectralClipCallback
+from lightning_specclip.attacks import evaluate_under_attack
+from lightning_specclip.lipschitz import CertifiedAccuracy, UnsupportedNodeError
 from lightning_specclip.module import ImageClassifier
+from lightning_specclip.spectral import eval_mode
 from lightning_specclip.tracking import EpochTimer, SpectralHistory, spectral_norms
 
 log = logging.getLogger(__name__)
@@ -60,8 +72,49 @@ def _last_checkpoint(directory: Path) -> str | None:
     return str(last) if last.exists() else None
 
 
+def _certify(
+    cfg: DictConfig, net: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> dict[str, Any]:
+    """Lipschitz bound, certified accuracy and PGD-ℓ2 accuracy at the radii ``cfg.eps`` (``conf/certify/``).
+
+    On rank 0 alone (nothing is synchronized), over the first ``cfg.batches`` test batches (all if ``None``):
+    both accuracies on the same samples, the network in eval mode (BatchNorm running statistics, as the bound
+    assumes). At ``ε = 0`` both are the clean accuracy of those samples.
+    """
+    radii = [float(e) for e in (cfg.eps if OmegaConf.is_list(cfg.eps) else [cfg.eps])]
+    keys = [f"{e:g}" for e in radii]
+    probe = next(iter(loader))[0].to(device)
+    try:
+        bound = instantiate(cfg.bound)(net, input_shape=tuple(probe.shape[1:]), data=probe)
+    except UnsupportedNodeError as err:  # a model the bound has no rule for: say so, keep the run's other metrics
+        log.warning("No Lipschitz bound, so no certified accuracy: %s", err)
+        return {"lipschitz": None, "lipschitz_error": str(err)}
+    # counted on rank 0 only: no sync, which would wait for the other ranks
+    certified = CertifiedAccuracy(lipschitz=bound.upper, eps=radii, sync_on_compute=False).to(device)
+    with torch.no_grad(), eval_mode(net):
+        for inputs, targets in islice(loader, cfg.batches):
+            certified.update(net(inputs.to(device)), targets.to(device))
+    out: dict[str, Any] = {
+        "lipschitz": {"upper": float(bound.upper), "lower": float(bound.lower)},
+        "certified_acc": dict(zip(keys, map(float, certified.compute().tolist()), strict=True)),
+    }
+    if cfg.pgd_l2 is not None:
+        out["pgd_l2_acc"] = {
+            key: evaluate_under_attack(
+                net,
+                instantiate(cfg.pgd_l2, model=net, eps=eps, alpha=cfg.relative_alpha * eps) if eps > 0 else None,
+                loader,
+                device,
+                max_batches=cfg.batches,
+                sync=False,
+            )
+            for key, eps in zip(keys, radii, strict=True)
+        }
+    return out
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, test and attack the configured model; return (and write) the metrics.
+    """Train, test, attack and certify the configured model; return (and write) the metrics.
 
     Args:
         cfg: the composed config (see ``conf/train.yaml``).
@@ -91,6 +144,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         example = next(iter(datamodule.test_dataloader()))[0][:1].to(module.device)
         norms = spectral_norms(module, example)
         method = clip.options["method"].name if clip is not None else None
+        certify, started = cfg.get("certify"), time.perf_counter()
+        certified = _certify(certify, module.net, datamodule.test_dataloader(), module.device) if certify else {}
+        certify_s = time.perf_counter() - started
         metrics = {
             "method": method,
             "target": None if method in (None, "none") else cfg.clip.target,
@@ -100,6 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "seed": cfg.seed,
             "test_acc": tested["test/acc"],
             "robust_acc": {name: tested[f"test/robust_acc/{name}"] for name in module.attack_factories},
+            **certified,  # lipschitz, certified_acc, pgd_l2_acc
             "spectral_norm": norms["layers"],
             "spectral_norm_composition": norms["compositions"],
             "spectral_norm_batchnorm": norms["batchnorms"],
@@ -110,6 +167,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("test_acc=%.4f robust_acc=%s", metrics["test_acc"], metrics["robust_acc"])
+        if certified:
+            log.info(
+                "certified in %.1f s: lipschitz=%s certified_acc=%s pgd_l2_acc=%s",
+                certify_s,
+                certified["lipschitz"],
+                certified["certified_acc"],
+                certified.get("pgd_l2_acc"),
+            )
     return metrics
 
 

@@ -18,6 +18,8 @@ RUNS: list[tuple[str, float | None, int, float]] = [
     ("none", None, 0, 0.962),
 ]
 LAYERS = [f"net.layer{i}.conv" for i in range(12)] + ["net.fc"]
+#: ℓ2 radii of the fake certification (train.py's ``certify`` group), as metrics.json keys them
+RADII = ["0", "0.1", "0.25", "0.5"]
 
 
 def fake_metrics(method: str, target: float | None, seed: int, acc: float) -> dict[str, Any]:
@@ -75,11 +77,40 @@ def fake_metrics(method: str, target: float | None, seed: int, acc: float) -> di
     }
 
 
-def write_fake_runs(root: Path) -> list[Path]:
+def fake_certification(method: str, target: float | None, acc: float) -> dict[str, Any]:
+    """The fields train.py's ``certify`` group adds: a sound one (certified ≤ PGD-ℓ2 at every radius, lower ≤ upper).
+
+    The bound grows with the target (36 unclipped); certified accuracy falls linearly in ε·(1 + L), at least as
+    fast as ``1 − ε``, and PGD-ℓ2 accuracy as ``exp(−ε) ≥ 1 − ε``, so the pair is ordered as it must be.
+
+    Args:
+        method: clipping method.
+        target: clip target (``None`` for ``none``).
+        acc: clean accuracy (both accuracies at ε = 0).
+
+    Returns:
+        dict[str, Any]: ``lipschitz``, ``certified_acc``, ``pgd_l2_acc``.
+
+    Example:
+        >>> fields = fake_certification("fastclip", 1.0, 0.9)
+        >>> fields["lipschitz"], fields["certified_acc"]["0"] == fields["pgd_l2_acc"]["0"] == 0.9
+        ({'upper': 2.7, 'lower': 1.89}, True)
+    """
+    upper = 36.0 if method == "none" or target is None else 2.7 * target
+    return {
+        "lipschitz": {"upper": upper, "lower": round(0.7 * upper, 4)},
+        "certified_acc": {r: round(acc * max(0.0, 1 - float(r) * (1 + upper) / 1.5), 4) for r in RADII},
+        "pgd_l2_acc": {r: round(acc * float(np.exp(-float(r))), 4) for r in RADII},
+    }
+
+
+def write_fake_runs(root: Path, certified: bool = False) -> list[Path]:
     """Write :data:`RUNS` as a Hydra multirun below ``root`` (``<job>/metrics.json``, one sweep nested deeper).
 
     Args:
         root: the multirun directory.
+        certified: add the fields of train.py's ``certify`` group (:func:`fake_certification`); without, the
+            files are those train.py wrote before it had the group.
 
     Returns:
         list[Path]: the files written.
@@ -94,6 +125,9 @@ def write_fake_runs(root: Path) -> list[Path]:
         directory = root / ("sweep2" if job >= 4 else "") / str(job)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "metrics.json"
-        path.write_text(json.dumps(fake_metrics(method, target, seed, acc), indent=2))
+        metrics = fake_metrics(method, target, seed, acc)
+        if certified:
+            metrics |= fake_certification(method, target, acc)
+        path.write_text(json.dumps(metrics, indent=2))
         files.append(path)
     return files

@@ -13,10 +13,12 @@ import matplotlib.image
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_report import RUNS, write_fake_runs  # noqa: E402
+from fixtures_report import RADII, RUNS, fake_certification, write_fake_runs  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
 FIGURES = ("violin_sigma.png", "bn_sigma_over_training.png", "accuracy_vs_target.png")
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "report_without_certify.md"
+RED = '<span style="color:red">'
 
 
 def _load_report() -> ModuleType:
@@ -116,3 +118,75 @@ def test_unreadable_file_is_skipped(tmp_path: Path, report: ModuleType, capsys: 
     assert report.main([str(tmp_path)]) == 0
     assert "skipping" in capsys.readouterr().err
     assert "6 runs (7 `metrics.json` files)" in (tmp_path / "report.md").read_text()
+
+
+def _columns(text: str) -> list[str]:
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    return [c.strip() for c in header.strip("|").split("|")]
+
+
+def test_runs_without_certification_render_as_before(tmp_path: Path, report: ModuleType) -> None:
+    # report_without_certify.md: what report.py wrote for these runs before train.py could certify
+    runs = tmp_path / "runs"
+    write_fake_runs(runs)
+    assert report.main([str(runs)]) == 0
+    assert (runs / "report.md").read_text().replace(str(runs), "<RUNS>") == GOLDEN.read_text()
+    assert not (runs / "certified_vs_eps.png").exists()
+
+
+def test_certified_beside_pgd_l2_columns_and_figure(tmp_path: Path, report: ModuleType) -> None:
+    write_fake_runs(tmp_path, certified=True)
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    columns = _columns(text)
+    radii = [f"ε={r}: certified / PGD-ℓ2 (%)" for r in RADII]
+    at = columns.index("L upper")
+    assert columns[at : at + 2 + len(radii)] == ["L upper", "L lower", *radii]
+    assert columns[at - 1] == "pgd acc (%)" and columns[-1] == "epoch time (s)"
+
+    fast = _row(text, "fastclip", "1")  # two seeds, the same bound and certified accuracy of their clean accuracy
+    expected = [fake_certification("fastclip", 1.0, acc) for m, t, _, acc in RUNS if (m, t) == ("fastclip", 1.0)]
+    assert fast[at : at + 2] == ["2.70", "1.89"]
+    cert, pgd = [100 * sum(e[key]["0.1"] for e in expected) / 2 for key in ("certified_acc", "pgd_l2_acc")]
+    assert fast[columns.index("ε=0.1: certified / PGD-ℓ2 (%)")] == f"{cert:.1f} ± 1.2 / {pgd:.1f} ± 1.4"
+    none = _row(text, "none", "–")
+    assert none[at] == "36.0"
+    assert none[columns.index("ε=0: certified / PGD-ℓ2 (%)")] == "96.2 / 96.2"  # ε = 0: clean accuracy
+    assert none[columns.index("ε=0.1: certified / PGD-ℓ2 (%)")].startswith("0.0 / ")
+    assert RED not in text  # every fixture is sound
+
+    assert "](certified_vs_eps.png)" in text
+    figure = tmp_path / "certified_vs_eps.png"
+    assert figure.stat().st_size > 5_000
+    image = matplotlib.image.imread(figure)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 400
+
+
+def test_certified_above_pgd_l2_is_flagged_in_red(tmp_path: Path, report: ModuleType) -> None:
+    files = write_fake_runs(tmp_path / "runs", certified=True)
+    bad = json.loads(files[3].read_text())  # gouk at 0.5
+    bad["certified_acc"]["0.25"] = bad["pgd_l2_acc"]["0.25"] + 0.05
+    bad["certified_acc"]["0.5"] = bad["pgd_l2_acc"]["0.5"] + 1e-9  # float noise: not flagged
+    files[3].write_text(json.dumps(bad))
+    odd = json.loads(files[0].read_text())  # fastclip at 0.5: lower bound above the upper bound
+    odd["lipschitz"]["lower"] = 2 * odd["lipschitz"]["upper"]
+    files[0].write_text(json.dumps(odd))
+    old = json.loads(files[5].read_text())  # an old run without certification beside them
+    for key in ("lipschitz", "certified_acc", "pgd_l2_acc"):
+        del old[key]
+    files[5].write_text(json.dumps(old))
+    assert report.main([str(tmp_path / "runs")]) == 0
+
+    text = (tmp_path / "runs" / "report.md").read_text()
+    flagged = [line for line in text.splitlines() if line.startswith(f"- {RED}")]
+    assert len(flagged) == 2, text
+    assert "run `runs/3`" in flagged[1] and "ε=0.25" in flagged[1] and "PGD-ℓ2" in flagged[1]
+    assert "run `runs/0`" in flagged[0] and "lower bound" in flagged[0]
+    # the offending cell is red too, the others are not
+    columns = _columns(text)
+    gouk = _row(text, "gouk", "0.5")
+    assert gouk[columns.index("ε=0.25: certified / PGD-ℓ2 (%)")].startswith(RED)
+    assert not gouk[columns.index("ε=0.5: certified / PGD-ℓ2 (%)")].startswith(RED)
+    none = _row(text, "none", "–")
+    assert none[columns.index("L upper")] == "–" and none[columns.index("ε=0.1: certified / PGD-ℓ2 (%)")] == "– / –"
+    assert (tmp_path / "runs" / "certified_vs_eps.png").exists()

@@ -68,6 +68,21 @@ def test_experiment_presets_compose_and_instantiate(experiment, tmp_path):
         assert instantiate(attack_cfg, model=model) is not None, name
 
 
+@pytest.mark.parametrize("option", _group_options("certify"))
+def test_certify_options_compose_and_instantiate(option, tmp_path):
+    from lightning_specclip.lipschitz import lipschitz_bound
+
+    cfg = _compose([f"certify={option}"], tmp_path)
+    if option == "none":
+        assert not cfg.certify  # an empty mapping: train.py skips the certification
+        return
+    assert instantiate(cfg.certify.bound).func is lipschitz_bound
+    assert cfg.certify.eps[0] == 0 and list(cfg.certify.eps) == sorted(cfg.certify.eps)
+    model = instantiate(cfg.model)
+    attack = instantiate(cfg.certify.pgd_l2, model=model, eps=0.3, alpha=cfg.certify.relative_alpha * 0.3)
+    assert type(attack).__name__ == "PGDL2" and attack.eps == 0.3 and attack.alpha == pytest.approx(0.075)
+
+
 def test_hparams_search_composes(tmp_path):
     cfg = _compose(["hparams_search=clip_sweep"], tmp_path, keep_hydra=True)
     assert "fastclip" in cfg.hydra.sweeper.params.clip
@@ -139,5 +154,41 @@ def test_callbacks_group_builds_the_trainers_callbacks(tmp_path):
     assert callbacks["model_checkpoint"].dirpath == str(tmp_path / "checkpoints")
     dropped = _compose(["~callbacks.epoch_timer"], tmp_path / "b")
     assert "epoch_timer" not in dropped.callbacks
-    metrics = train.run(_compose([*FAST, "~callbacks.epoch_timer"], tmp_path / "c"))
+    metrics = train.run(_compose([*FAST, "~callbacks.epoch_timer", "certify=none"], tmp_path / "c"))
     assert metrics["epoch_time_s"] is None and metrics["history"]["step"]
+    assert not {"lipschitz", "certified_acc", "pgd_l2_acc"} & set(metrics)  # certify=none: as before the group
+
+
+def test_certify_writes_bound_certified_and_pgd_l2_accuracy(tmp_path):
+    # the same two test batches as test_acc, so the certified accuracy at ε = 0 is the clean accuracy
+    radii = ["0", "0.05", "0.1", "0.2", "0.5"]
+    overrides = [*FAST, "bn=composed", f"certify.eps=[{','.join(radii)}]", "certify.batches=2"]
+    cfg = _compose(overrides, tmp_path)
+    assert cfg.certify.pgd_l2._target_ == "torchattacks.PGDL2"  # conf/attack/pgd_l2.yaml, reused
+    train.run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    bound, certified, attacked = metrics["lipschitz"], metrics["certified_acc"], metrics["pgd_l2_acc"]
+    assert 0 < bound["lower"] <= bound["upper"] < 1e3
+    assert list(certified) == list(attacked) == radii
+    assert certified["0"] == attacked["0"] == pytest.approx(metrics["test_acc"], abs=1e-6)
+    values = list(certified.values())
+    assert all(0.0 <= b <= a <= 1.0 for a, b in zip(values, values[1:], strict=False))  # non-increasing in ε
+    assert all(certified[r] <= attacked[r] + 1e-6 for r in radii)  # certified ≤ empirical, at every radius
+    assert attacked["0.5"] < attacked["0"]  # the attack does something
+
+
+def test_certify_reports_a_model_the_bound_cannot_take_and_keeps_going(tmp_path):
+    class Gated(torch.nn.Module):  # x·sigmoid(conv(x)): a product of two input-dependent values
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc((x * torch.sigmoid(self.conv(x))).flatten(1))
+
+    cfg = _compose(FAST, tmp_path).certify
+    loader = [(torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,)))]
+    result = train._certify(cfg, Gated(), loader, torch.device("cpu"))
+    assert result["lipschitz"] is None and "certified_acc" not in result
+    assert "node 'mul'" in result["lipschitz_error"]
