@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger  # none imports its package
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -56,7 +56,8 @@ class SpectralClipCallback(Callback):
             optimizer step of the ``Trainer`` (``trainer.global_step``).
         clip_on_train_end: clip once more after the fit's last optimizer step, before its last checkpoint.
         log_every_n_steps: logging cadence in clipper steps; default the Trainer's.
-        log_histograms: log the tracked values as histograms where the logger supports them (TensorBoard).
+        log_histograms: log the tracked values as histograms where the logger supports them (TensorBoard,
+            Weights & Biases): ``spectral/sigma_per_layer``, and with ``k > 1`` ``spectral/<layer>/spectrum``.
         **options: the options of :class:`~lightning_specclip.SpectralClipper`: ``modules``, ``exclude``,
             ``method``, ``compose_batchnorm``, ``clip_batchnorm``, ``input_shapes``, ``clip_frozen``,
             ``warmup_iters``, ``iters_per_step``, ``track_every_n_steps``, ``k``, ``every_n_steps``,
@@ -307,14 +308,31 @@ class SpectralClipCallback(Callback):
                 metrics[f"spectral/{name}/sigma_{i + 1}"] = float(values[i])
         if not metrics:
             return
+        step = trainer.global_step
+        histograms = self._histograms(trainer.loggers, metrics, spectra) if self.log_histograms else {}
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            if self.log_histograms and isinstance(logger, TensorBoardLogger):
-                sigmas = torch.tensor([v for k, v in metrics.items() if k.endswith("/sigma")])
-                logger.experiment.add_histogram("spectral/sigma_per_layer", sigmas, trainer.global_step)
-                if self.options["k"] > 1:
-                    for name, values in spectra.items():
-                        logger.experiment.add_histogram(f"spectral/{name}/spectrum", values.cpu(), trainer.global_step)
+            if histograms and isinstance(logger, WandbLogger):
+                import wandb  # only where a WandbLogger is in use (it needs the package)
+
+                # In the scalars' row, at their `trainer/global_step` (the logger's step metric): wandb's own step
+                # counts log calls, so `experiment.log(..., step=global_step)` lands in other steps' rows or is dropped.
+                logger.log_metrics({**metrics, **{k: wandb.Histogram(v.tolist()) for k, v in histograms.items()}}, step)
+                continue
+            logger.log_metrics(metrics, step=step)
+            if isinstance(logger, TensorBoardLogger):
+                for tag, values in histograms.items():
+                    logger.experiment.add_histogram(tag, values, step)
+
+    def _histograms(
+        self, loggers: Sequence[Logger], metrics: dict[str, float], spectra: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The histograms logged with the scalars, as CPU tensors; none when no logger takes histograms."""
+        if not any(isinstance(logger, TensorBoardLogger | WandbLogger) for logger in loggers):
+            return {}
+        histograms = {"spectral/sigma_per_layer": torch.tensor([v for k, v in metrics.items() if k.endswith("/sigma")])}
+        if self.options["k"] > 1:
+            histograms.update({f"spectral/{name}/spectrum": v.detach().float().cpu() for name, v in spectra.items()})
+        return histograms
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

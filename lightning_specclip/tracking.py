@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_specclip.spectral.clip import batchnorm_scale
-from lightning_specclip.spectral.exact import dense_singular_values, lanczos_singular_values
+from lightning_specclip.spectral.exact import dense_spectral_norm, lanczos_singular_values
 from lightning_specclip.spectral.operator import eval_mode
 from lightning_specclip.spectral.spectrum import spectrum
 from lightning_specclip.targets import (
@@ -53,8 +53,9 @@ def input_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]
 
 
 def ground_truth_sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
-    """The spectral norm of a module's linear map at one input shape, in float64: a dense SVD up to
-    ``DENSE_LIMIT`` inputs, ARPACK (tol 1e-8) above.
+    """The spectral norm of a module's linear map at one input shape, in float64: from the dense matrix up to
+    ``DENSE_LIMIT`` inputs (:func:`~lightning_specclip.spectral.exact.dense_spectral_norm`), ARPACK (tol 1e-8)
+    above.
 
     Args:
         module: a layer, a ``Sequential`` of a conv and its BatchNorm, or any affine module.
@@ -70,7 +71,7 @@ def ground_truth_sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
         3.0
     """
     if math.prod(shape) <= DENSE_LIMIT:
-        return float(dense_singular_values(module, shape)[0])
+        return dense_spectral_norm(module, shape)
     return float(lanczos_singular_values(module, shape, k=1, tol=1e-8).values[0])
 
 

@@ -343,3 +343,21 @@ def test_cifar10_augmentation_only_on_train(tmp_path: Path) -> None:
     assert x_aug.shape == (8, 3, 32, 32) and 0 <= float(x_aug.min()) and float(x_aug.max()) <= 1
     assert any(not torch.equal(x, x_plain) for x in x_aug)
     assert torch.equal(dm.test_set[0][0], plain.test_set[0][0])
+
+
+def test_digits_upsampled_to_32_pixels_for_the_resnet():
+    small = DigitsDataModule(batch_size=8)
+    large = DigitsDataModule(batch_size=8, image_size=32, image_shape=(1, 32, 32))
+    small.setup("fit")
+    large.setup("fit")
+    (x8, y8), (x32, y32) = small.train_set[5], large.train_set[5]
+    assert large.image_shape == (1, 32, 32) and x32.shape == (1, 32, 32) and int(y8) == int(y32)
+    assert 0.0 <= float(x32.min()) and float(x32.max()) <= 1.0
+    # bilinear upsampling by 4: each 4×4 block's mean stays near the pixel it came from (smoothed at the edges)
+    pooled = torch.nn.functional.avg_pool2d(x32, 4)
+    assert torch.allclose(pooled, x8, atol=0.25)
+    assert float(torch.corrcoef(torch.stack([pooled.flatten(), x8.flatten()]))[0, 1]) > 0.95
+    with pytest.raises(ValueError, match="image_size must be an integer >= 8"):
+        DigitsDataModule(image_size=4)
+    with pytest.raises(ValueError, match="image_shape"):
+        DigitsDataModule(image_size=32, image_shape=(1, 8, 8))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.nn.functional import interpolate
 
 from lightning_specclip.data._base import ImageDataModule, ImageTensorDataset, check_declared, split_sizes
 
@@ -35,7 +36,9 @@ class DigitsDataModule(ImageDataModule):
             together with ``std`` for a model without normalization. The images are never normalized here.
         std: see ``mean``.
         num_classes: declared number of classes (for config interpolation); checked to be 10.
-        image_shape: declared image shape (for config interpolation); checked to be ``(1, 8, 8)``.
+        image_shape: declared image shape (for config interpolation); checked to be ``(1, size, size)``.
+        image_size: side of the images: 8 (as scanned) or larger, upsampled bilinearly (32 for the CIFAR-style
+            ResNet-18, whose four stages then see 32, 16, 8 and 4 pixels as on CIFAR-10).
 
     Raises:
         ValueError: for out-of-range fractions or arguments, or a declared value that is wrong.
@@ -60,15 +63,18 @@ class DigitsDataModule(ImageDataModule):
         std: Sequence[float] | None = DIGITS_STD,
         num_classes: int | None = None,
         image_shape: Sequence[int] | None = None,
+        image_size: int = 8,
     ) -> None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an integer >= 8 (the digits are scanned at 8×8), got {image_size!r}")
         check_declared("num_classes", num_classes, 10)
-        check_declared("image_shape", image_shape, (1, 8, 8))
+        check_declared("image_shape", image_shape, (1, image_size, image_size))
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
             num_classes=10,
-            image_shape=(1, 8, 8),
+            image_shape=(1, image_size, image_size),
             mean=mean,
             std=std,
         )
@@ -76,6 +82,7 @@ class DigitsDataModule(ImageDataModule):
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.seed = int(seed)
+        self.image_size = image_size
         self._save_init_args(locals())
 
     def setup(self, stage: str | None = None) -> None:
@@ -91,6 +98,9 @@ class DigitsDataModule(ImageDataModule):
 
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.uint8).unsqueeze(1)  # values 0..16
+        if self.image_size != 8:  # float values in [0, 16]: bilinear upsampling stays in range
+            size = (self.image_size, self.image_size)
+            images = interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
         targets = torch.as_tensor(digits.target, dtype=torch.long)
         n_train, n_val, n_test = split_sizes(len(targets), [self.val_fraction, self.test_fraction])
         perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(self.seed))
