@@ -30,6 +30,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -167,7 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.info("test_acc=%.4f robust_acc=%s", metrics["test_acc"], metrics["robust_acc"])
-        if certified:
+        if certified.get("lipschitz"):
             log.info(
                 "certified in %.1f s: lipschitz=%s certified_acc=%s pgd_l2_acc=%s",
                 certify_s,
@@ -175,6 +176,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 certified["certified_acc"],
                 certified.get("pgd_l2_acc"),
             )
+    for logger in loggers:  # Lightning leaves a W&B run open: the next job of a multirun in this process would reuse it
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
     return metrics
 
 
