@@ -745,20 +745,23 @@ def _lower_bound(
     def f(inputs: Tensor) -> Tensor:
         return torch.func.functional_call(model, tensors, (inputs,))
 
-    def unit(v: Tensor) -> Tensor:
-        return v / torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True).clamp_min(1e-300)
+    def unit(v: Tensor, previous: Tensor) -> Tensor:
+        """``v`` normalized per sample; where it vanished (a zero Jacobian: every ReLU off) the previous direction."""
+        norm = torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True)
+        return torch.where(norm > 0, v / norm.clamp_min(1e-300), previous)
 
     # a step small against the input and large against float64 rounding: the quotient's rounding error is about
     # 1e-16/1e-3 relative, which the (1 − ROUNDING) below takes off, so that a linear map's quotient stays ≤ its σ
     step = 1e-3 * x.flatten(1).norm(dim=1).clamp_min(1.0).view(-1, *([1] * len(shape)))
-    v = unit(torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device))
+    start = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device)
+    v = start / torch.linalg.vector_norm(start, dim=tuple(range(1, x.dim())), keepdim=True)
     with eval_mode(model):
         fx0, pullback = torch.func.vjp(f, x)
         fx0 = fx0.detach()
         for _ in range(iters):
             with torch.no_grad():
                 jv = (f(x + step * v) - fx0) / step.flatten(1)[:, :1].view(-1, *([1] * (fx0.dim() - 1)))
-            v = unit(pullback(jv)[0])
+            v = unit(pullback(jv)[0], v)
         with torch.no_grad():
             delta = step * v
             quotient = (f(x + delta) - fx0).flatten(1).norm(dim=1) / delta.flatten(1).norm(dim=1)

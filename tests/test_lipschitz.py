@@ -292,3 +292,13 @@ def test_certified_accuracy_is_below_pgd_l2_on_a_model_trained_on_digits():
         robust = float((net(attack(x, y)).argmax(1) == y).float().mean())
         assert cert <= robust + 1e-9, f"certified {cert:.4f} above PGD-L2 {robust:.4f} at eps={eps}"
     assert bound.lower <= bound.upper
+
+
+def test_lower_bound_is_a_number_where_the_jacobian_vanishes():
+    # every ReLU off at every probe input: a zero Jacobian (the power iteration's vector vanished: NaN once)
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.bias.fill_(-100.0)
+    result = lipschitz_bound(nn.Sequential(layer, nn.ReLU()), (3,), samples=4)
+    assert result.lower == 0.0
+    assert result.upper == pytest.approx(_sigma(layer, (3,)), rel=1e-9)
