@@ -7,13 +7,16 @@ Written into ``--out`` (by default the first path):
 
 * ``report.md``: one row per group, means over its runs (seeds): clean accuracy, each attack's robust
   accuracy, the per-layer spectral norm σ (mean and max over the layers), the largest conv∘BN composition σ
-  and BatchNorm gain when present, time per epoch; then links to the figures.
+  and BatchNorm gain when present, time per epoch; then FastClip minus each baseline paired over seeds (the same
+  target, BatchNorm mode, model and data; the unclipped runs against every target): the mean difference of each
+  quantity with its 95% Student's t interval; then links to the figures.
 * ``violin_sigma.png``: the paper's headline figure, violins of the final per-layer σ per method (and
   target), a dashed line at each target.
 * ``bn_sigma_over_training.png``: the paper's BatchNorm figure, σ of a conv, its BatchNorm and their
   composition over the training steps (only for runs that recorded a composition).
-* ``accuracy_vs_target.png``: clean (solid) and robust (dashed, one style per attack) accuracy against the
-  clip target, one colour and marker per method, the unclipped ``none`` runs as horizontal references.
+* ``accuracy_vs_target.png``: clean (solid, filled markers) and robust (dashed, one line style and marker fill
+  per attack) accuracy against the clip target (evenly spaced, the methods side by side at each), one colour and
+  marker per method, the unclipped ``none`` runs as labelled horizontal references.
 * ``certified_vs_eps.png`` (runs certified by ``train.py``'s ``certify`` group only): accuracy against the ℓ2
   radius ε, certified (solid) and under PGD-ℓ2 (dashed), one colour and marker per group, a panel per clip
   target with the unclipped runs in each. The table then has the Lipschitz bound (upper, lower) and, per
@@ -33,7 +36,7 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,19 +47,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
+from scipy.stats import t as student_t  # noqa: E402
 
 __all__ = [
+    "Difference",
     "Group",
+    "PairedRow",
+    "PairedTable",
     "Run",
     "find_metrics",
     "group_runs",
     "load_runs",
     "main",
+    "paired_difference",
+    "paired_differences",
     "plot_accuracy_vs_target",
     "plot_bn_sigma_over_training",
     "plot_certified_vs_eps",
     "plot_violin_sigma",
     "render_markdown",
+    "render_paired",
 ]
 
 METRICS_NAME = "metrics.json"
@@ -67,6 +78,10 @@ ACCURACY_NAME = "accuracy_vs_target.png"
 CERTIFIED_NAME = "certified_vs_eps.png"
 #: certified accuracy may exceed PGD-ℓ2 accuracy by this much (float32 rounding; one sample in a million is more)
 CERTIFIED_TOL = 1e-6
+#: the method whose paired differences against every other method (the baselines) the report gives
+PAIRED_METHOD = "fastclip"
+#: the confidence level of the paired differences' intervals
+CONFIDENCE = 0.95
 
 #: Display order of the methods (the paper's first, the unclipped reference last); others follow by name.
 _CERTIFY_KEYS = ("certified_acc", "pgd_l2_acc")
@@ -85,9 +100,20 @@ METHOD_STYLE = {
 _EXTRA_STYLE = [("#8c564b", "P"), ("#e377c2", "*"), ("#17becf", "h"), ("#bcbd22", "<"), ("#7f7f7f", ">")]
 #: Line styles of the accuracy curves: clean first, then one per attack.
 _ATTACK_LINESTYLES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+#: Marker fills of the accuracy metrics: clean first, then one per attack (see ``_metric_marker``).
+_METRIC_FILLS = ["full", "none", "bottom", "top", "left", "right"]
 _MAX_BN_PANELS = 4
+#: the widest row of panels in a figure (inches, its legend included), and the width of one violin (inches)
+_MAX_ROW_WIDTH = 10.5
+_VIOLIN_WIDTH = 1.0
+#: more violins than this in a panel: narrower, their labels on one slanted line
+_MANY_VIOLINS = 16
 _DPI = 120
+#: the smallest base font size (points)
 _FONT = 10
+#: figures are drawn to be read this wide (pixels), as the README shows them, with text at least this tall (pixels)
+_READ_WIDTH_PX = 800
+_READ_FONT_PX = 12
 
 
 @dataclass
@@ -132,6 +158,12 @@ class Run:
     def data(self) -> str:
         """str: the data set's name."""
         return str(self.metrics.get("data") or "")
+
+    @property
+    def seed(self) -> int | None:
+        """int | None: the run's seed (``None`` when absent or not an integer); runs are paired by it."""
+        seed = self.metrics.get("seed")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
     def number(self, key: str) -> float | None:
         """A top-level numeric field, ``None`` when absent or not a finite number.
@@ -511,6 +543,241 @@ def _num(values: Sequence[float], fmt: str = ".3f") -> str:
     return f"{statistics.fmean(values):{fmt}}" if values else "–"
 
 
+@dataclass(frozen=True)
+class Difference:
+    """The mean of paired differences and its confidence interval.
+
+    Args:
+        mean: the mean of the differences.
+        n: the number of pairs.
+        low: the interval's lower end, ``None`` when ``n < 2``.
+        high: the interval's upper end, ``None`` when ``n < 2``.
+
+    Example:
+        >>> Difference(0.02, 1).low is None
+        True
+    """
+
+    mean: float
+    n: int
+    low: float | None = None
+    high: float | None = None
+
+
+def paired_difference(
+    a: Mapping[Any, float], b: Mapping[Any, float], confidence: float = CONFIDENCE
+) -> Difference | None:
+    """The mean of ``a[k] − b[k]`` over the keys (seeds) in both, with Student's t interval.
+
+    The interval is ``mean ± t.ppf((1 + confidence) / 2, n − 1) · sd / √n``, ``sd`` the sample standard deviation
+    of the ``n`` differences; none for ``n < 2``.
+
+    Args:
+        a: value by seed on one side.
+        b: value by seed on the other.
+        confidence: the interval's confidence level.
+
+    Returns:
+        Difference | None: the mean and interval, ``None`` when no key is in both.
+
+    Example:
+        >>> d = paired_difference({0: 0.90, 1: 0.92, 2: 0.94}, {0: 0.89, 1: 0.90, 2: 0.91, 3: 0.5})
+        >>> d.n, round(d.mean, 4), round(d.low, 4), round(d.high, 4)
+        (3, 0.02, -0.0048, 0.0448)
+        >>> paired_difference({0: 1.0}, {0: 0.5}), paired_difference({0: 1.0}, {1: 0.5})
+        (Difference(mean=0.5, n=1, low=None, high=None), None)
+    """
+    diffs = [a[k] - b[k] for k in sorted(set(a) & set(b))]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return Difference(mean, len(diffs))
+    half = float(student_t.ppf((1 + confidence) / 2, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return Difference(mean, len(diffs), mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """The paired differences of :data:`PAIRED_METHOD` minus one baseline at one configuration.
+
+    Args:
+        baseline: the baseline method.
+        target: the clip target (of :data:`PAIRED_METHOD`; the baseline ``none`` has none).
+        bn_mode: the BatchNorm mode.
+        model: the model's name.
+        data: the data set's name.
+        seeds: the seeds run on both sides.
+        cells: column label → the difference, ``None`` where no pair has the quantity.
+
+    Example:
+        >>> PairedRow("gouk", 1.0, "bn", "", "", (0,), {}).seeds
+        (0,)
+    """
+
+    baseline: str
+    target: float
+    bn_mode: str
+    model: str
+    data: str
+    seeds: tuple[int, ...]
+    cells: dict[str, Difference | None]
+
+
+@dataclass(frozen=True)
+class PairedTable:
+    """The paired differences of :data:`PAIRED_METHOD` against every baseline.
+
+    Args:
+        columns: (label, in percentage points) of each quantity, in display order.
+        rows: one per baseline and configuration, in display order.
+
+    Example:
+        >>> PairedTable([], []).rows
+        []
+    """
+
+    columns: list[tuple[str, bool]]
+    rows: list[PairedRow]
+
+
+def _quantities(groups: Sequence[Group]) -> list[tuple[str, bool, Callable[[Run], float | None]]]:
+    """(label, in percentage points, value of a run) of each quantity the paired table compares."""
+
+    def entry(key: str, name: Any) -> Callable[[Run], float | None]:
+        return lambda run: (run.radii(key) if key in _CERTIFY_KEYS else run.mapping(key)).get(name)
+
+    out: list[tuple[str, bool, Callable[[Run], float | None]]] = [
+        ("clean acc (pp)", True, lambda run: run.number("test_acc"))
+    ]
+    out += [(f"{a} acc (pp)", True, entry("robust_acc", a)) for a in _attacks(groups)]
+    for r in _radii(groups):
+        out += [(f"ε={r:g} certified (pp)", True, entry("certified_acc", r))]
+        out += [(f"ε={r:g} PGD-ℓ2 (pp)", True, entry("pgd_l2_acc", r))]
+    out.append(("σ layer max", False, lambda run: max(run.mapping("spectral_norm").values(), default=None)))
+    return out
+
+
+def _by_seed(runs: Iterable[Run], value: Callable[[Run], float | None]) -> dict[int, float]:
+    """A quantity by seed: the runs with a seed and the quantity, the mean where several share a seed."""
+    found: dict[int, list[float]] = {}
+    for run in runs:
+        if run.seed is not None and (v := value(run)) is not None:
+            found.setdefault(run.seed, []).append(v)
+    return {seed: statistics.fmean(values) for seed, values in found.items()}
+
+
+def paired_differences(groups: Sequence[Group], method: str = PAIRED_METHOD) -> PairedTable:
+    """``method`` minus each baseline, paired over seeds, for every quantity of the report.
+
+    A baseline is every other method with runs at the same (target, BatchNorm mode, model, data) as ``method``;
+    one without a target (the unclipped ``none``) is paired with ``method`` at each of its targets with the same
+    BatchNorm mode, model and data. Runs are paired by their ``seed`` (only seeds on both sides count; runs
+    without one are left out; several runs of one seed are averaged); quantities: clean accuracy, each attack's
+    robust accuracy, certified and PGD-ℓ2 accuracy at each radius, the largest per-layer σ. See
+    :func:`paired_difference` for the interval.
+
+    Args:
+        groups: the groups.
+        method: the method compared against the others.
+
+    Returns:
+        PairedTable: the columns that some row has, the rows with at least one shared seed.
+
+    Example:
+        >>> runs = [
+        ...     Run(Path(f"{m}{s}/metrics.json"), {"method": m, "target": 1, "seed": s, "test_acc": acc})
+        ...     for m, s, acc in [("fastclip", 0, 0.9), ("fastclip", 1, 0.92), ("gouk", 0, 0.89), ("gouk", 1, 0.9)]
+        ... ]
+        >>> table = paired_differences(group_runs(runs))
+        >>> row = table.rows[0]
+        >>> row.baseline, row.seeds, round(row.cells["clean acc (pp)"].mean, 4), table.columns
+        ('gouk', (0, 1), 0.015, [('clean acc (pp)', True)])
+    """
+    quantities = _quantities(groups)
+    rows = []
+    for ours in (g for g in groups if g.method == method and g.target is not None):
+        for base in groups:
+            where = (base.bn_mode, base.model, base.data) == (ours.bn_mode, ours.model, ours.data)
+            if base.method == method or not where or base.target not in (ours.target, None):
+                continue
+            seeds = {r.seed for r in ours.runs} & {r.seed for r in base.runs} - {None}
+            if not seeds:
+                continue
+            cells = {
+                label: paired_difference(_by_seed(ours.runs, value), _by_seed(base.runs, value))
+                for label, _, value in quantities
+            }
+            row = PairedRow(base.method, ours.target, ours.bn_mode, ours.model, ours.data, tuple(sorted(seeds)), cells)
+            rows.append(row)
+    rows.sort(key=lambda r: (r.model, r.data, _order(r.baseline, METHOD_ORDER), r.target, _order(r.bn_mode, BN_ORDER)))
+    columns = [(label, pct) for label, pct, _ in quantities if any(r.cells[label] for r in rows)]
+    return PairedTable(columns, rows)
+
+
+def _signed(value: float, fmt: str) -> str:
+    """``value`` with its sign (a true minus), none for an exact zero.
+
+    Example:
+        >>> _signed(2.345, ".1f"), _signed(-0.01, ".1f"), _signed(0.0, ".1f")
+        ('+2.3', '−0.0', '0.0')
+    """
+    return f"{value:{fmt}}" if value == 0 else f"{value:+{fmt}}".replace("-", "−")
+
+
+def _difference_cell(d: Difference | None, percent: bool, n: int) -> str:
+    """``+2.3 [−0.4, +5.0]`` (percentage points for accuracies), ``[n/a]`` for one pair; the cell's n if not n."""
+    if d is None:
+        return "–"
+    scale, fmt = (100.0, ".1f") if percent else (1.0, ".3f")
+    interval = (
+        "n/a" if d.low is None or d.high is None else f"{_signed(scale * d.low, fmt)}, {_signed(scale * d.high, fmt)}"
+    )
+    return f"{_signed(scale * d.mean, fmt)} [{interval}]" + (f" (n={d.n})" if d.n != n else "")
+
+
+def render_paired(table: PairedTable, method: str = PAIRED_METHOD) -> list[str]:
+    """The Markdown section of the paired differences: a heading, how to read it, the table.
+
+    Args:
+        table: the differences (:func:`paired_differences`).
+        method: the method compared against the others.
+
+    Returns:
+        list[str]: the lines, none when the table has no row.
+
+    Example:
+        >>> cells = {"clean acc (pp)": Difference(0.02, 3, -0.005, 0.045)}
+        >>> row = PairedRow("gouk", 1.0, "bn", "", "", (0, 1, 2), cells)
+        >>> render_paired(PairedTable([("clean acc (pp)", True)], [row]))[-1]
+        '| gouk | 1 | bn | 3 | +2.0 [−0.5, +4.5] |'
+    """
+    if not table.rows:
+        return []
+    extra = [f for f in ("model", "data") if len({getattr(r, f) for r in table.rows}) > 1]
+    header = [*extra, "baseline", "target", "BN mode", "n", *(label for label, _ in table.columns)]
+    name = "FastClip" if method == "fastclip" else method
+    lines = [
+        "",
+        f"## {name} − baseline, paired over seeds",
+        "",
+        f"Each cell is the mean over the n seeds run by both of {name} minus the baseline at the same clip target, "
+        "BatchNorm mode, model and data (the unclipped `none` against each target), in percentage points (pp) for "
+        f"accuracies and plain for σ (positive: {name} higher), and in brackets its {100 * CONFIDENCE:g}% "
+        "confidence interval (Student's t, n − 1 degrees of freedom; n/a when n < 2, a cell's own n in parentheses "
+        f"when some runs lack the quantity): an interval that excludes 0 is a difference at the {100 * CONFIDENCE:g}% "
+        "level, each cell on its own.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < len(extra) + 3 else "---:" for i in range(len(header))) + "|",
+    ]
+    for r in table.rows:
+        row = [getattr(r, e) for e in extra] + [r.baseline, _fmt_target(r.target), r.bn_mode, str(len(r.seeds))]
+        row += [_difference_cell(r.cells.get(label), pct, len(r.seeds)) for label, pct in table.columns]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def render_markdown(
     groups: Sequence[Group], figures: dict[str, str | None], sources: Sequence[Path], n_files: int
 ) -> str:
@@ -608,6 +875,7 @@ def render_markdown(
             "",
         ]
         lines += [f"- {_red(f'run `{_run_name(run, sources)}`: {v}')}" for run, v in violations]
+    lines += render_paired(paired_differences(groups))
     lines += ["", "## Figures", ""]
     for name, caption in captions.items():
         if name not in figures:
@@ -620,22 +888,91 @@ def render_markdown(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _setup_fonts() -> None:
+def _font_size(width: float) -> int:
+    """The base font size (points) of a figure ``width`` inches wide: at least ``_FONT``, and large enough that its
+    text stays ``_READ_FONT_PX`` pixels tall when the PNG is shown ``_READ_WIDTH_PX`` wide (as in a README), up to
+    ``_FONT + 4`` (a figure wider than that allows is not meant to be read at that width).
+
+    Example:
+        >>> _font_size(8.0), _font_size(12.0), _font_size(30.0)
+        (10, 13, 14)
+    """
+    return min(max(_FONT, math.ceil(_READ_FONT_PX * width * 72 / _READ_WIDTH_PX - 1e-9)), _FONT + 4)
+
+
+def _setup_fonts(width: float = 0.0) -> int:
+    """Set matplotlib's font sizes for a figure ``width`` inches wide (legends included); return the base size."""
+    size = _font_size(width)
     plt.rcParams.update(
         {
-            "font.size": _FONT,
-            "axes.titlesize": _FONT + 1,
-            "axes.labelsize": _FONT + 1,
-            "xtick.labelsize": _FONT,
-            "ytick.labelsize": _FONT,
-            "legend.fontsize": _FONT - 1,
-            "figure.titlesize": _FONT + 2,
+            "font.size": size,
+            "axes.titlesize": size + 1,
+            "axes.labelsize": size + 1,
+            "xtick.labelsize": size,
+            "ytick.labelsize": size,
+            "legend.fontsize": size - 1,
+            "legend.title_fontsize": size,
+            "figure.titlesize": size + 2,
         }
     )
+    return size
+
+
+def _panel_rows(widths: Sequence[float], max_row: float) -> list[list[int]]:
+    """Pack panels of the given widths (inches) left to right into rows of at most ``max_row`` inches.
+
+    Example:
+        >>> _panel_rows([8.5, 2.8, 2.8, 2.8], 8.5)
+        [[0], [1, 2, 3]]
+    """
+    rows: list[list[int]] = []
+    for i, width in enumerate(widths):
+        if rows and sum(widths[j] for j in rows[-1]) + width <= max_row + 1e-9:
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+    return rows
+
+
+def _panel_axes(
+    widths: Sequence[float], height: float, max_row: float, legend: float = 0.0
+) -> tuple[plt.Figure, list[Any], list[int]]:
+    """A figure whose panels have the given widths (inches, as a share of their row), packed into rows of at
+    most ``max_row`` inches (:func:`_panel_rows`), left-aligned; constrained layout, with ``legend`` inches more
+    for a legend beside the panels. The axes do not share y (shared across subfigures, every change of limits
+    redraws the whole figure): give them the same limits, or :func:`_same_ylim` once drawn.
+
+    Returns:
+        tuple[plt.Figure, list[Any], list[int]]: the figure, the axes (one per width), the row of each.
+    """
+    rows = _panel_rows(widths, max_row)
+    total = max(sum(widths[j] for j in row) for row in rows)
+    fig = plt.figure(figsize=(total + legend, height * len(rows)), layout="constrained")
+    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0] if len(rows) > 1 else [fig]
+    axes: list[Any] = [None] * len(widths)
+    row_of = [0] * len(widths)
+    for r, (row, sub) in enumerate(zip(rows, subfigs, strict=True)):
+        used = sum(widths[j] for j in row)
+        ratios = [widths[j] for j in row] + ([total - used] if total - used > 1e-6 else [])
+        created = sub.subplots(1, len(ratios), width_ratios=ratios, squeeze=False)[0]
+        for j, ax in zip(row, created, strict=False):
+            axes[j], row_of[j] = ax, r
+        for ax in created[len(row) :]:
+            ax.set_visible(False)
+    return fig, axes, row_of
+
+
+def _same_ylim(axes: Sequence[Any]) -> None:
+    """Give the axes the y limits that hold all of their data."""
+    limits = [ax.get_ylim() for ax in axes]
+    low, high = min(lo for lo, _ in limits), max(hi for _, hi in limits)
+    for ax in axes:
+        ax.set_ylim(low, high)
 
 
 def _save(fig: plt.Figure, path: Path, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
-    fig.tight_layout(rect=rect)
+    if fig.get_layout_engine() is None:
+        fig.tight_layout(rect=rect)
     # bbox_inches="tight" keeps the legends placed outside the axes inside the image.
     fig.savefig(path, dpi=_DPI, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
@@ -677,7 +1014,7 @@ def _draw_violins(
     for pos, prev, cur in zip(positions[1:], shown, shown[1:], strict=False):
         if prev.target != cur.target:
             ax.axvline(pos - 0.5, color="0.8", linewidth=0.8)
-    many = len(data) > 16
+    many = len(data) > _MANY_VIOLINS
     labels = [_label(g, fields, " " if many else "\n") for g in shown]
     ax.set_xticks(positions, labels, rotation=40 if many else 0, ha="right" if many else "center")
     ax.set_xlim(0.4, len(data) + 0.6)
@@ -711,24 +1048,29 @@ def plot_violin_sigma(groups: Sequence[Group], path: Path) -> str | None:
     for g, values in data:
         panels.setdefault(tuple(getattr(g, f) for f in panel_fields), []).append((g, values))
     methods = sorted({g.method for g in shown})
-    _setup_fonts()
-    widest = max(len(d) for d in panels.values())
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(max(6.0, 0.95 * widest + 2.5), 4.2 * len(panels) + 0.4), squeeze=False, sharey=True
-    )
-    for ax, (key, panel) in zip(axes[:, 0], panels.items(), strict=True):
+    targets = sorted({g.target for g in shown if g.target is not None})
+    # Panels side by side, as wide as their violins (two at least, for the title), in rows that fit the legend beside
+    widths = [(_VIOLIN_WIDTH if len(p) <= _MANY_VIOLINS else 0.55) * max(len(p), 2) + 0.9 for p in panels.values()]
+    widths = [max(widths[0], 5.0)] if len(widths) == 1 else widths
+    legend_width = 1.8
+    rows = _panel_rows(widths, _MAX_ROW_WIDTH - legend_width)
+    _setup_fonts(max(sum(widths[j] for j in row) for row in rows) + legend_width)
+    fig, axes, row_of = _panel_axes(widths, 4.2, _MAX_ROW_WIDTH - legend_width, legend_width)
+    for i, (ax, (key, panel)) in enumerate(zip(axes, panels.items(), strict=True)):
         _draw_violins(ax, panel, methods, fields)
+        if i and row_of[i - 1] == row_of[i]:
+            ax.set_ylabel("")
         if panel_fields:
             ax.set_title(", ".join(f"{f.replace('_', ' ')}: {v}" for f, v in zip(panel_fields, key, strict=True)))
-    axes[-1, 0].set_xlabel("method" + (" and clip target c" if "target" in fields else ""))
-    targets = sorted({g.target for g in shown if g.target is not None})
+    fig.supxlabel("method" + (" and clip target c" if "target" in fields else ""))
     all_values = [v for _, vals in data for v in vals] + targets
     if min(all_values) > 0 and max(all_values) / min(all_values) > 30:
-        ax = axes[0, 0]
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        for ax in axes:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    _same_ylim(axes)
     n_runs = sum(len(g.runs) for g in shown)
     fig.suptitle(f"Final per-layer spectral norms per method ({n_runs} runs, layers pooled over a group's runs)")
     handles = [
@@ -738,7 +1080,7 @@ def plot_violin_sigma(groups: Sequence[Group], path: Path) -> str | None:
             color=_style(m, methods)[0],
             marker=_style(m, methods)[1],
             linestyle="",
-            markersize=7,
+            markersize=8,
             markeredgecolor="black",
             label=m,
         )
@@ -746,8 +1088,8 @@ def plot_violin_sigma(groups: Sequence[Group], path: Path) -> str | None:
     ]
     if targets:
         handles.append(Line2D([], [], color="black", linestyle="--", label="target c"))
-    axes[0, 0].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    _save(fig, path, rect=(0, 0, 1, 1 - 0.12 / fig.get_figheight()))
+    fig.legend(handles=handles, loc="outside right center", frameon=False)
+    _save(fig, path)
     return None
 
 
@@ -794,16 +1136,16 @@ def plot_bn_sigma_over_training(groups: Sequence[Group], path: Path) -> str | No
     chosen = _composition_runs(groups)
     if not chosen:
         return "no run recorded a conv∘BatchNorm composition in its `history` (models without BatchNorm?)"
-    _setup_fonts()
     n = len(chosen)
     cols = 2 if n > 1 else 1
+    size = _setup_fonts(5.2 * cols)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows + 0.5), squeeze=False)
     fields = ["method", "target", *_varying([g for g, _, _ in chosen], "model", "data")]
     series_style = [
         ("conv", "#1f77b4", "-", "o"),
         ("BatchNorm", "#ff7f0e", "--", "s"),
-        ("conv∘BN", "#d62728", "-", "^"),
+        ("conv∘BN", "#7f0000", "-", "^"),  # dark: apart from the conv's blue in grey print too
     ]
     for ax, (g, run, comp) in zip(axes.flat, chosen, strict=False):
         steps, sigma = run.history
@@ -850,7 +1192,7 @@ def plot_bn_sigma_over_training(groups: Sequence[Group], path: Path) -> str | No
         title = ", ".join(
             [_label(g, fields, ", "), f"BN mode {g.bn_mode}"] + ([f"seed {seed}"] if seed is not None else [])
         )
-        ax.set_title(f"{title}\n{names[0]} → {names[1]}", fontsize=_FONT)
+        ax.set_title(f"{title}\n{names[0]} → {names[1]}", fontsize=size)
         ax.set_xlabel("training step")
         ax.set_ylabel("spectral norm σ")
         ax.set_ylim(bottom=0)
@@ -877,17 +1219,98 @@ def plot_bn_sigma_over_training(groups: Sequence[Group], path: Path) -> str | No
     )
     handles.append(Line2D([], [], color="black", linestyle=":", linewidth=1.2, label="clip target c"))
     fig.suptitle("Spectral norm over training: a conv, its BatchNorm and their composition conv∘BN")
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
-    _save(fig, path, rect=(0, 0.06 / rows, 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    _save(fig, path, rect=(0, 0.65 / fig.get_figheight(), 1, 1))
     return None
+
+
+def _metric_marker(index: int) -> dict[str, Any]:
+    """Marker fill of the ``index``-th accuracy metric (0: clean, full; then open, half-filled, ...): the metric
+    stays recognisable on a lone point, where no line style shows.
+
+    Example:
+        >>> _metric_marker(0), _metric_marker(1), _metric_marker(2)
+        ({}, {'markerfacecolor': 'white'}, {'fillstyle': 'bottom', 'markerfacecoloralt': 'white'})
+    """
+    fill = _METRIC_FILLS[index % len(_METRIC_FILLS)]
+    if fill == "full":
+        return {}
+    if fill == "none":
+        return {"markerfacecolor": "white"}
+    return {"fillstyle": fill, "markerfacecoloralt": "white"}
+
+
+def _accuracy_points(groups: Sequence[Group], metric: str) -> list[tuple[float | None, float, float]]:
+    """(target, mean, std) in % of the clean accuracy (``metric == "clean"``) or an attack's, per group that has it."""
+    points = []
+    for g in groups:
+        values = g.values("test_acc") if metric == "clean" else g.attack(metric)
+        if values:
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            points.append((g.target, 100 * statistics.fmean(values), 100 * std))
+    return points
+
+
+def _draw_accuracy_panel(
+    ax: Any, members: Sequence[Group], methods: Sequence[str], metrics: Sequence[tuple[str, Any]]
+) -> None:
+    """One panel of :func:`plot_accuracy_vs_target`: the targets evenly spaced, the methods side by side at each."""
+    targets = sorted({g.target for g in members if g.target is not None})
+    clipped = [m for m in methods if any(g.method == m and g.target is not None and m != "none" for g in members)]
+    step = min(0.8 / max(len(clipped), 1), 0.25)
+    for method in methods:
+        color, marker = _style(method, methods)
+        mine = sorted((g for g in members if g.method == method), key=lambda g: g.target or 0.0)
+        for index, (metric, style) in enumerate(metrics):
+            points = _accuracy_points(mine, metric)
+            if not points:
+                continue
+            if method == "none" or all(t is None for t, _, _ in points):
+                mean = statistics.fmean(p[1] for p in points)
+                ax.axhline(mean, color=color, linestyle=style, linewidth=1.6, alpha=0.9)
+                if index == 0:  # a direct label: the reference lines have no marker
+                    ax.annotate(
+                        method, (1.0, mean), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                        textcoords="offset points", ha="right", va="bottom", color=color, fontweight="bold", zorder=2.5,
+                    )  # fmt: skip
+                continue
+            shift = (clipped.index(method) - (len(clipped) - 1) / 2) * step
+            xs = [targets.index(t) + shift for t, _, _ in points if t is not None]
+            points = [p for p in points if p[0] is not None]
+            line = ([xs[0] - 0.4 * step, xs[0] + 0.4 * step], [points[0][1]] * 2) if len(points) == 1 else None
+            # the lines below every marker; a lone point shows no line style: a short segment in it (and the
+            # marker's fill) tell the metric
+            ax.plot(*(line or (xs, [p[1] for p in points])), color=color, linestyle=style, linewidth=1.8, zorder=1.5)
+            ax.errorbar(
+                xs,
+                [p[1] for p in points],
+                yerr=[p[2] for p in points],
+                color=color,
+                linestyle="",
+                zorder=3,
+                marker=marker,
+                markersize=8,
+                capsize=3,
+                linewidth=1.8,
+                markeredgecolor="black",
+                markeredgewidth=0.7,
+                **_metric_marker(index),
+            )
+    ax.set_xticks(range(len(targets)), [f"{t:g}" for t in targets])
+    ax.set_xlim(-0.5, max(len(targets), 1) - 0.5)
+    ax.set_xlabel("clip target c")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
 
 
 def plot_accuracy_vs_target(groups: Sequence[Group], path: Path) -> str | None:
     """Clean and robust accuracy against the clip target, one line per method and metric.
 
-    Colour and marker identify the method, the line style the metric (solid: clean; dashed, dotted, ...:
-    one per attack); error bars are the standard deviation over runs. The unclipped ``none`` runs are
-    horizontal lines in the same styles. One panel per BatchNorm mode (and model/data) when several.
+    Colour and marker identify the method, the line style and the marker's fill the metric (solid, filled: clean;
+    dashed, dotted, ... and open, half-filled, ...: one per attack); error bars are the standard deviation over
+    runs. The targets are evenly spaced, the methods side by side at each; the unclipped ``none`` runs are
+    horizontal lines in the same styles, labelled. One panel per BatchNorm mode (and model/data) when several, each
+    as wide as its targets.
 
     Args:
         groups: the groups.
@@ -906,78 +1329,40 @@ def plot_accuracy_vs_target(groups: Sequence[Group], path: Path) -> str | None:
     for g in with_acc:
         panels.setdefault(tuple(getattr(g, f) for f in panel_fields), []).append(g)
     methods = sorted({g.method for g in with_acc}, key=lambda m: _order(m, METHOD_ORDER))
-    _setup_fonts()
-    cols = min(len(panels), 3)
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.4 * cols + 1.8, 4.2 * rows), squeeze=False, sharey=True)
-    targets_all = sorted({g.target for g in with_acc if g.target is not None})
-    for ax, (key, members) in zip(axes.flat, panels.items(), strict=False):
-        for method in methods:
-            color, marker = _style(method, methods)
-            mine = sorted((g for g in members if g.method == method), key=lambda g: g.target or 0.0)
-            for metric, style in metrics:
-                points = []
-                for g in mine:
-                    values = g.values("test_acc") if metric == "clean" else g.attack(metric)
-                    if values:
-                        std = statistics.stdev(values) if len(values) > 1 else 0.0
-                        points.append((g.target, 100 * statistics.fmean(values), 100 * std))
-                if not points:
-                    continue
-                if method == "none" or all(t is None for t, _, _ in points):
-                    mean = statistics.fmean(p[1] for p in points)
-                    ax.axhline(mean, color=color, linestyle=style, linewidth=1.4, alpha=0.9)
-                    continue
-                points = [p for p in points if p[0] is not None]
-                if len(points) == 1:
-                    # A lone point shows no line style: draw a short segment in it so clean and attacks differ.
-                    half = 0.12 if len(targets_all) == 1 else 0.04 * (targets_all[-1] - targets_all[0])
-                    target, mean, _ = points[0]
-                    ax.plot([target - half, target + half], [mean, mean], color=color, linestyle=style, linewidth=1.8)
-                ax.errorbar(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
-                    yerr=[p[2] for p in points],
-                    color=color,
-                    linestyle=style,
-                    marker=marker,
-                    markersize=6,
-                    capsize=3,
-                    linewidth=1.6,
-                    markeredgecolor="black",
-                    markeredgewidth=0.5,
-                )
-        if targets_all:
-            ax.set_xticks(targets_all, [f"{t:g}" for t in targets_all])
-            if len(targets_all) == 1:
-                ax.set_xlim(targets_all[0] - 0.5, targets_all[0] + 0.5)
-        ax.set_xlabel("clip target c")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-2, 102)
+    widths = []
+    for members in panels.values():
+        n_targets = len({g.target for g in members if g.target is not None})
+        n_methods = len({g.method for g in members if g.target is not None and g.method != "none"})
+        widths.append(max(2.6, max(n_targets, 1) * (0.5 + 0.3 * max(n_methods, 1)) + 0.8))
+    widths = [max(widths[0], 5.0)] if len(widths) == 1 else widths
+    legend_width = 2.4
+    rows = _panel_rows(widths, _MAX_ROW_WIDTH - legend_width)
+    _setup_fonts(max(sum(widths[j] for j in row) for row in rows) + legend_width)
+    fig, axes, row_of = _panel_axes(widths, 4.4, _MAX_ROW_WIDTH - legend_width, legend_width)
+    for i, (ax, (key, members)) in enumerate(zip(axes, panels.items(), strict=True)):
+        _draw_accuracy_panel(ax, members, methods, metrics)
+        ax.set_ylabel("" if i and row_of[i - 1] == row_of[i] else "accuracy (%)")
         title = ", ".join(f"{f.replace('_', ' ')}: {v}" for f, v in zip(panel_fields, key, strict=True))
         ax.set_title(title or "Accuracy vs. clip target")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.set_visible(False)
     method_handles = [
         Line2D(
             [],
             [],
             color=_style(m, methods)[0],
-            marker=_style(m, methods)[1],
+            marker="" if m == "none" else _style(m, methods)[1],
+            markersize=8,
             markeredgecolor="black",
             linestyle="-",
             label=m + (" (unclipped)" if m == "none" else ""),
         )
         for m in methods
     ]
-    metric_handles = [Line2D([], [], color="black", linestyle=s, label=f"{m} accuracy") for m, s in metrics]
-    right = axes.flat[min(len(panels), cols) - 1]
-    first = right.legend(
-        handles=method_handles, title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False
-    )
-    right.add_artist(first)
-    right.legend(handles=metric_handles, title="metric", loc="lower left", bbox_to_anchor=(1.02, 0.0), frameon=False)
+    metric_handles = [
+        Line2D([], [], color="black", linestyle=s, marker="o", markersize=8, label=f"{m} accuracy", **_metric_marker(i))
+        for i, (m, s) in enumerate(metrics)
+    ]
+    fig.legend(handles=method_handles, title="method", loc="outside right upper", frameon=False)
+    fig.legend(handles=metric_handles, title="metric", loc="outside right lower", frameon=False)
     if panel_fields:
         fig.suptitle("Clean and robust accuracy vs. clip target")
     _save(fig, path)
@@ -1038,11 +1423,13 @@ def plot_certified_vs_eps(groups: Sequence[Group], path: Path) -> str | None:
     }
     styles = _series_styles(shown)
     radii = _radii(shown)
-    _setup_fonts()
-    cols = min(len(panels), 3)
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 5.4 * rows), squeeze=False, sharey=True)
-    for ax, (key, members) in zip(axes.flat, panels.items(), strict=False):
+    entries = max(len(members) for members in panels.values())
+    widths = [4.6] * len(panels) if len(panels) > 1 else [5.5]
+    rows = _panel_rows(widths, _MAX_ROW_WIDTH)
+    _setup_fonts(max(sum(widths[j] for j in row) for row in rows))
+    # each panel's legend (a line per series) below its axes: as tall as the longest
+    fig, axes, row_of = _panel_axes(widths, 3.9 + 0.24 * entries, _MAX_ROW_WIDTH)
+    for i, (ax, (key, members)) in enumerate(zip(axes, panels.items(), strict=True)):
         variant = _varying(members, "bn_mode")
         for g in members:
             color, marker = styles[(g.method, g.bn_mode, g.model, g.data)]
@@ -1058,7 +1445,7 @@ def plot_certified_vs_eps(groups: Sequence[Group], path: Path) -> str | None:
                     color=color,
                     linestyle=style,
                     marker=marker,
-                    markersize=6,
+                    markersize=7,
                     capsize=3,
                     linewidth=1.8 if style == "-" else 1.4,
                     markeredgecolor="black",
@@ -1074,22 +1461,21 @@ def plot_certified_vs_eps(groups: Sequence[Group], path: Path) -> str | None:
             handles.append(
                 Line2D([], [], color=color, marker=marker, markeredgecolor="black", linestyle="-", label=label)
             )
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=1)
+        below = offset_copy(ax.transAxes, fig=fig, y=-0.62, units="inches")  # under the tick and axis labels
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, frameon=False)
         ax.set_xticks(radii, [f"{r:g}" for r in radii])
         ax.set_xlabel("ℓ2 radius ε (inputs in [0, 1])")
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("" if i and row_of[i - 1] == row_of[i] else "accuracy (%)")
         ax.set_ylim(-2, 102)
         target = "unclipped" if key[-1] is None else f"clip target c = {key[-1]:g}"
         ax.set_title(", ".join([*(str(v) for v in key[:-1] if v), target]))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.set_visible(False)
     styles_legend = [
         Line2D([], [], color="black", linestyle="-", marker="o", label="certified (Lipschitz margin)"),
         Line2D([], [], color="black", linestyle="--", marker="o", markerfacecolor="white", label="PGD-ℓ2 attack"),
     ]
-    fig.legend(handles=styles_legend, loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle("Certified vs. empirical robustness: accuracy within an ℓ2 ball of radius ε", y=1.04)
+    fig.legend(handles=styles_legend, loc="outside lower center", ncol=2, frameon=False)
+    fig.suptitle("Certified vs. empirical robustness: accuracy within an ℓ2 ball of radius ε")
     _save(fig, path)
     return None
 

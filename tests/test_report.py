@@ -5,20 +5,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import matplotlib.image
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_report import RADII, RUNS, fake_certification, write_fake_runs  # noqa: E402
+from fixtures_report import (  # noqa: E402
+    RADII,
+    RUNS,
+    fake_certification,
+    fake_metrics,
+    write_fake_runs,
+    write_fake_study,
+)
 
 REPORT = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
 FIGURES = ("violin_sigma.png", "bn_sigma_over_training.png", "accuracy_vs_target.png")
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "report_without_certify.md"
 RED = '<span style="color:red">'
+PAIRED_HEADING = "## FastClip − baseline, paired over seeds"
 
 
 def _load_report() -> ModuleType:
@@ -55,7 +65,8 @@ def test_report_writes_table_and_figures(tmp_path: Path, report: ModuleType) -> 
     assert "epoch time (s)" in columns
 
     # One row per (method, target, BN mode), sorted by method (paper order) then target.
-    rows = [line for line in text.splitlines() if re.match(r"\| (fastclip|gouk|none) \|", line)]
+    table = text.split(f"\n{PAIRED_HEADING}")[0]
+    rows = [line for line in table.splitlines() if re.match(r"\| (fastclip|gouk|none) \|", line)]
     assert [r.split("|")[1:3] for r in rows] == [
         [" fastclip ", " 0.5 "],
         [" fastclip ", " 1 "],
@@ -126,7 +137,8 @@ def _columns(text: str) -> list[str]:
 
 
 def test_runs_without_certification_render_as_before(tmp_path: Path, report: ModuleType) -> None:
-    # report_without_certify.md: what report.py wrote for these runs before train.py could certify
+    # report_without_certify.md: what report.py wrote for these runs before train.py could certify, plus the
+    # paired differences section (FastClip − gouk, − none on the shared seed 0; n = 1, so no intervals)
     runs = tmp_path / "runs"
     write_fake_runs(runs)
     assert report.main([str(runs)]) == 0
@@ -190,3 +202,126 @@ def test_certified_above_pgd_l2_is_flagged_in_red(tmp_path: Path, report: Module
     none = _row(text, "none", "–")
     assert none[columns.index("L upper")] == "–" and none[columns.index("ε=0.1: certified / PGD-ℓ2 (%)")] == "– / –"
     assert (tmp_path / "runs" / "certified_vs_eps.png").exists()
+
+
+def _paired_runs(report: ModuleType, spec: list[tuple[str, float | None, int | None, float]]) -> list[Any]:
+    """Runs from (method, target, seed, clean accuracy); σ of the layers 1.0 and 0.99 for FastClip, else 1.2, 0.8."""
+    runs = []
+    for i, (method, target, seed, acc) in enumerate(spec):
+        sigma = {"a": 1.0, "b": 0.99} if method == "fastclip" else {"a": 1.2, "b": 0.8}
+        metrics = {"method": method, "target": target, "seed": seed, "test_acc": acc, "spectral_norm": sigma}
+        runs.append(report.Run(Path(f"{i}/metrics.json"), metrics))
+    return runs
+
+
+T_975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom
+T_975_1 = 12.706204736174698  # ... 1 degree of freedom
+
+
+def test_paired_difference_known_answer(report: ModuleType) -> None:
+    # FastClip 90, 92, 94 % against 89, 90, 91 % on seeds 0, 1, 2: differences 1, 2, 3 points, sd 1
+    spec = [("fastclip", 1.0, s, acc) for s, acc in enumerate((0.90, 0.92, 0.94))]
+    spec += [("gouk", 1.0, s, acc) for s, acc in enumerate((0.89, 0.90, 0.91))]
+    table = report.paired_differences(report.group_runs(_paired_runs(report, spec)))
+    assert table.columns == [("clean acc (pp)", True), ("σ layer max", False)]
+    [row] = table.rows
+    assert (row.baseline, row.target, row.bn_mode, row.seeds) == ("gouk", 1.0, "bn", (0, 1, 2))
+    clean = row.cells["clean acc (pp)"]
+    half = T_975_2 * 0.01 / 3**0.5
+    assert clean.n == 3
+    assert clean.mean == pytest.approx(0.02)
+    assert (clean.low, clean.high) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    sigma = row.cells["σ layer max"]  # 1.0 − 1.2 on every seed: no spread, a zero-width interval
+    assert (sigma.mean, sigma.low, sigma.high) == (pytest.approx(-0.2), pytest.approx(-0.2), pytest.approx(-0.2))
+    text = "\n".join(report.render_paired(table))
+    assert "| gouk | 1 | bn | 3 | +2.0 [−0.5, +4.5] | −0.200 [−0.200, −0.200] |" in text
+
+
+def test_paired_difference_pairs_only_shared_seeds(report: ModuleType) -> None:
+    spec = [("fastclip", 1.0, s, acc) for s, acc in enumerate((0.90, 0.92, 0.94))]
+    spec += [("gouk", 1.0, s, acc) for s, acc in ((1, 0.90), (2, 0.91), (3, 0.50))]
+    spec += [("gouk", 1.0, None, 0.10)]  # no seed: never paired
+    [row] = report.paired_differences(report.group_runs(_paired_runs(report, spec))).rows
+    assert row.seeds == (1, 2)
+    clean = row.cells["clean acc (pp)"]  # differences 2 and 3 points
+    half = T_975_1 * statistics.stdev([0.02, 0.03]) / 2**0.5
+    assert (clean.n, clean.mean) == (2, pytest.approx(0.025))
+    assert (clean.low, clean.high) == (pytest.approx(0.025 - half), pytest.approx(0.025 + half))
+
+
+def test_paired_difference_of_one_pair_has_no_interval(report: ModuleType) -> None:
+    spec = [("fastclip", 1.0, 0, 0.90), ("fastclip", 1.0, 1, 0.95), ("gouk", 1.0, 0, 0.89), ("gouk", 1.0, 2, 0.5)]
+    table = report.paired_differences(report.group_runs(_paired_runs(report, spec)))
+    [row] = table.rows
+    clean = row.cells["clean acc (pp)"]
+    assert (clean.n, clean.mean, clean.low, clean.high) == (1, pytest.approx(0.01), None, None)
+    assert "| gouk | 1 | bn | 1 | +1.0 [n/a] | −0.200 [n/a] |" in report.render_paired(table)
+    assert report.paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_paired_baselines_match_target_and_bn_mode(report: ModuleType) -> None:
+    runs = _paired_runs(
+        report,
+        [("fastclip", t, s, 0.9) for t in (0.5, 1.0) for s in (0, 1)]
+        + [("none", None, s, 0.95) for s in (0, 1)]  # against every FastClip target
+        + [("gouk", 2.0, s, 0.8) for s in (0, 1)],  # no FastClip at 2: no pair
+    )
+    other = report.Run(Path("x/metrics.json"), {"method": "miyato", "target": 1, "seed": 0, "bn_mode": "no_bn"})
+    rows = report.paired_differences(report.group_runs([*runs, other])).rows
+    assert [(r.baseline, r.target, r.seeds) for r in rows] == [("none", 0.5, (0, 1)), ("none", 1.0, (0, 1))]
+    assert rows[0].cells["clean acc (pp)"].mean == pytest.approx(-0.05)
+    # without FastClip there is nothing to pair: no section
+    gouk = [r for r in runs if r.method == "gouk"]
+    assert report.paired_differences(report.group_runs(gouk)).rows == []
+    assert PAIRED_HEADING not in report.render_markdown(report.group_runs(gouk), {}, [Path(".")], 2)
+
+
+def test_paired_section_in_report(tmp_path: Path, report: ModuleType) -> None:
+    accs = {"fastclip": (0.90, 0.92, 0.94), "gouk": (0.89, 0.90, 0.91)}
+    for method, values in accs.items():
+        for seed, acc in enumerate(values):
+            metrics = fake_metrics(method, 1.0, seed, acc)
+            if (method, seed) == ("fastclip", 2):
+                del metrics["robust_acc"]["pgd"]  # a quantity missing from one run: that cell has its own n
+            (tmp_path / f"{method}{seed}").mkdir()
+            (tmp_path / f"{method}{seed}" / "metrics.json").write_text(json.dumps(metrics))
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert PAIRED_HEADING in text and text.index(PAIRED_HEADING) < text.index("## Figures")
+    assert "an interval that excludes 0 is a difference at the 95% level" in text
+    section = text[text.index(PAIRED_HEADING) :]
+    header = next(line for line in section.splitlines() if line.startswith("| baseline"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["baseline", "target", "BN mode", "n", "clean acc (pp)", "fgsm acc (pp)", "pgd acc (pp)"] + [
+        "σ layer max"
+    ]
+    row = _row(section, "gouk", "1")
+    assert row[2:5] == ["bn", "3", "+2.0 [−0.5, +4.5]"]
+    assert row[columns.index("fgsm acc (pp)")] == "+1.2 [−0.3, +2.7]"  # fgsm is 60 % of clean: 0.6, 1.2, 1.8 points
+    # pgd is 45 % of clean, missing from FastClip's seed 2: 0.45 and 0.9 points, t with 1 degree of freedom
+    assert row[columns.index("pgd acc (pp)")] == "+0.7 [−2.2, +3.5] (n=2)"
+
+
+def test_study_figures_are_readable_at_readme_width(tmp_path: Path, report: ModuleType) -> None:
+    # the study's six methods × three seeds, ResNet-18's 21 layers, FastClip also at 0.5 and 2 and in every BN mode
+    write_fake_study(tmp_path / "runs", certified=True)
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path)]) == 0
+    for name in (*FIGURES, "certified_vs_eps.png"):
+        image = matplotlib.image.imread(tmp_path / name)
+        # shown 800 px wide (the README), a figure wider than 1600 px would shrink its text below half size
+        assert 600 < image.shape[1] <= 1600, (name, image.shape)
+        assert image.shape[0] <= 1.6 * image.shape[1], (name, image.shape)
+    text = (tmp_path / "report.md").read_text()
+    rows = [line for line in text[text.index(PAIRED_HEADING) :].splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1:3] for r in rows] == [
+        [f" {m} ", f" {t} "]
+        for m, t in [("gouk", "1"), ("miyato", "1"), ("senderovich", "1"), ("gram", "1")]
+        + [("none", "0.5"), ("none", "1"), ("none", "2")]
+    ]
+    assert all(" 3 " == r.split("|")[4] for r in rows)
+
+
+def test_methods_differ_by_marker_not_only_colour(report: ModuleType) -> None:
+    markers = [marker for _, marker in report.METHOD_STYLE.values()]
+    assert len(set(markers)) == len(markers)
+    assert not set(markers) & {marker for _, marker in report._EXTRA_STYLE}
