@@ -87,6 +87,7 @@ def fit(logger: Logger, **options: Any) -> tuple[SpectralClipCallback, Recorder]
 
 
 def test_mlflow_config_logs_sigma_series_that_read_back(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow", reason="the trackers extra: pip install -e '.[trackers]'")
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
