@@ -192,3 +192,18 @@ def test_certify_reports_a_model_the_bound_cannot_take_and_keeps_going(tmp_path)
     result = train._certify(cfg, Gated(), loader, torch.device("cpu"))
     assert result["lipschitz"] is None and "certified_acc" not in result
     assert "node 'mul'" in result["lipschitz_error"]
+
+
+@pytest.mark.slow
+def test_resnet18_digits_preset_composes_as_typed_and_trains_one_short_epoch(tmp_path):
+    typed = ["experiment=resnet18_digits", "clip=gouk", "clip.target=0.5", "seed=3"]
+    cfg = _compose(typed, tmp_path / "typed")
+    assert (cfg.clip.method, cfg.clip.target, cfg.seed) == ("gouk", 0.5, 3)  # the method, target and seed stay free
+    assert (cfg.model.width, cfg.data.image_size, list(cfg.data.image_shape)) == (8, 32, [1, 32, 32])
+    fast = ["+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+    fast += ["trainer.max_epochs=1", "+trainer.enable_progress_bar=false", "logger=[]", "clip.every_n_steps=2"]
+    fast += ["certify=none", "~callbacks.spectral_history", "module.attack_batches=1"]
+    metrics = train.run(_compose(["experiment=resnet18_digits", *fast], tmp_path / "run"))
+    assert metrics["model"] == "ResNet18" and metrics["bn_mode"] == "bn"
+    assert len(metrics["spectral_norm"]) == 21  # 20 convs and the classifier, by float64 ground truth
+    assert max(metrics["spectral_norm"].values()) <= 1.0 * 1.02  # FastClip at 1, after the last step's clip
