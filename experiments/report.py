@@ -939,14 +939,16 @@ def _panel_axes(
 ) -> tuple[plt.Figure, list[Any], list[int]]:
     """A figure whose panels have the given widths (inches, as a share of their row), packed into rows of at
     most ``max_row`` inches (:func:`_panel_rows`), left-aligned; constrained layout, with ``legend`` inches more
-    for a legend beside the panels. The axes do not share y (shared across subfigures, every change of limits
-    redraws the whole figure): give them the same limits, or :func:`_same_ylim` once drawn.
+    for a legend beside the panels; fonts sized for the figure's width (:func:`_setup_fonts`). The axes do not
+    share y (shared across subfigures, every change of limits redraws the whole figure): give them the same
+    limits, or :func:`_same_ylim` once drawn.
 
     Returns:
         tuple[plt.Figure, list[Any], list[int]]: the figure, the axes (one per width), the row of each.
     """
     rows = _panel_rows(widths, max_row)
     total = max(sum(widths[j] for j in row) for row in rows)
+    _setup_fonts(total + legend)
     fig = plt.figure(figsize=(total + legend, height * len(rows)), layout="constrained")
     subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0] if len(rows) > 1 else [fig]
     axes: list[Any] = [None] * len(widths)
@@ -1053,8 +1055,6 @@ def plot_violin_sigma(groups: Sequence[Group], path: Path) -> str | None:
     widths = [(_VIOLIN_WIDTH if len(p) <= _MANY_VIOLINS else 0.55) * max(len(p), 2) + 0.9 for p in panels.values()]
     widths = [max(widths[0], 5.0)] if len(widths) == 1 else widths
     legend_width = 1.8
-    rows = _panel_rows(widths, _MAX_ROW_WIDTH - legend_width)
-    _setup_fonts(max(sum(widths[j] for j in row) for row in rows) + legend_width)
     fig, axes, row_of = _panel_axes(widths, 4.2, _MAX_ROW_WIDTH - legend_width, legend_width)
     for i, (ax, (key, panel)) in enumerate(zip(axes, panels.items(), strict=True)):
         _draw_violins(ax, panel, methods, fields)
@@ -1336,8 +1336,6 @@ def plot_accuracy_vs_target(groups: Sequence[Group], path: Path) -> str | None:
         widths.append(max(2.6, max(n_targets, 1) * (0.5 + 0.3 * max(n_methods, 1)) + 0.8))
     widths = [max(widths[0], 5.0)] if len(widths) == 1 else widths
     legend_width = 2.4
-    rows = _panel_rows(widths, _MAX_ROW_WIDTH - legend_width)
-    _setup_fonts(max(sum(widths[j] for j in row) for row in rows) + legend_width)
     fig, axes, row_of = _panel_axes(widths, 4.4, _MAX_ROW_WIDTH - legend_width, legend_width)
     for i, (ax, (key, members)) in enumerate(zip(axes, panels.items(), strict=True)):
         _draw_accuracy_panel(ax, members, methods, metrics)
@@ -1425,8 +1423,6 @@ def plot_certified_vs_eps(groups: Sequence[Group], path: Path) -> str | None:
     radii = _radii(shown)
     entries = max(len(members) for members in panels.values())
     widths = [4.6] * len(panels) if len(panels) > 1 else [5.5]
-    rows = _panel_rows(widths, _MAX_ROW_WIDTH)
-    _setup_fonts(max(sum(widths[j] for j in row) for row in rows))
     # each panel's legend (a line per series) below its axes: as tall as the longest
     fig, axes, row_of = _panel_axes(widths, 3.9 + 0.24 * entries, _MAX_ROW_WIDTH)
     for i, (ax, (key, members)) in enumerate(zip(axes, panels.items(), strict=True)):
