@@ -157,6 +157,7 @@ _SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, to
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _QUOTIENTS = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 _CONCATS = {torch.cat, torch.concat, torch.stack}
+_SPLITS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split, "split", "chunk", "unbind", "tensor_split"}
 
 
 class UnsupportedNodeError(ValueError):
@@ -569,11 +570,20 @@ def _run(
         if index == 0:
             dependent.add(node.name)
     for node in graph.nodes:
-        if node.op in ("placeholder", "output") or not isinstance(values.get(node.name), Tensor):
+        if node.op in ("placeholder", "output") or not _holds_tensor(values.get(node.name)):
             continue
         if any(n.name in dependent for n in _tensor_nodes((node.args, dict(node.kwargs)))):
             dependent.add(node.name)
     return values, dependent
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether a value is a tensor or a list, tuple or dict holding one (a split's pieces, attention's outputs)."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, list | tuple):
+        return any(_holds_tensor(v) for v in value)
+    return isinstance(value, dict) and any(_holds_tensor(v) for v in value.values())
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -605,6 +615,14 @@ def _rule(
         )
         return UnsupportedNodeError(f"lipschitz_bound cannot bound {_describe(node, modules)}: {reason}{hint}")
 
+    if node.op == "call_module":
+        constant = _user_constant(user, modules[str(node.target)], str(node.target))
+        if constant is not None:
+            return "user", (args[0], constant)
+    if not isinstance(value, Tensor):
+        if node.op != "call_module" and node.target in _SPLITS:  # pieces of the input; getitem picks one
+            return "isometry", (args[0], 1.0)
+        raise refuse(f"it returns a {type(value).__name__} of tensors made from the input")
     if not value.is_floating_point():
         raise refuse(f"it makes a {value.dtype} tensor from the input, which is not a Lipschitz map to real numbers")
     source = args[0]
@@ -614,9 +632,6 @@ def _rule(
     if node.op == "call_module":
         module = modules[str(node.target)]
         name = clean_name(str(node.target))
-        constant = _user_constant(user, module, str(node.target))
-        if constant is not None:
-            return "user", (source, constant)
         if len(args) != 1 or node.args[0] is not source:
             raise refuse("it takes more than one input-dependent argument")
         if node.name in composed:

@@ -302,3 +302,33 @@ def test_lower_bound_is_a_number_where_the_jacobian_vanishes():
     result = lipschitz_bound(nn.Sequential(layer, nn.ReLU()), (3,), samples=4)
     assert result.lower == 0.0
     assert result.upper == pytest.approx(_sigma(layer, (3,)), rel=1e-9)
+
+
+def test_tensors_inside_tuples_are_followed_not_dropped():
+    class Halves(nn.Module):  # x.chunk → a conv on each half → cat: every branch counts
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            left, right = x.chunk(2, dim=1)
+            return torch.cat([self.a(left), self.b(right)], dim=1)
+
+    torch.manual_seed(6)
+    halves = Halves()
+    sa, sb = _sigma(halves.a, (1, 5, 5)), _sigma(halves.b, (1, 5, 5))
+    result = lipschitz_bound(halves, (2, 5, 5), samples=2)
+    assert result.upper == pytest.approx(math.sqrt(sa**2 + sb**2), rel=1e-9)
+    assert _jacobian_norm(halves, torch.rand(2, 5, 5)) <= result.upper
+
+    class Attention(nn.Module):  # a module that returns a tuple: refused by name, never read as a constant
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(4, 1, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.attn(x, x, x)
+            return self.head(out)
+
+    with pytest.raises(UnsupportedNodeError, match=r"module 'attn'.*MultiheadAttention|MultiheadAttention.*'attn'"):
+        lipschitz_bound(Attention(), (3, 4), samples=2)
