@@ -20,7 +20,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python experiments/demo.py
 
-# the paper's ResNet-18 comparisons on the bundled digits, 3 seeds each (about 35 minutes on 2 cores)
+# the paper's ResNet-18 comparisons on the bundled digits, 3 seeds each (about 25 minutes on 2 cores)
 study: $(STAMP)
 	$(BIN)/python experiments/study.py
 
