@@ -10,7 +10,7 @@ Every run is ``experiment=resnet18_digits`` (ResNet-18 of width 8 with BatchNorm
 
 Runs go two at a time on one thread each (Hydra's joblib launcher), into ``reports/study/runs``; the report (tables
 with mean ± std over seeds and paired differences with 95% intervals, figures) into ``reports/study``. A relaunch
-skips the runs that finished (each run resumes from its checkpoint). About 25 minutes on 2 CPU cores (22.7 measured), no download.
+skips the runs that finished (each run resumes from its checkpoint). 22.7 minutes on 2 CPU cores; no download.
 
     python experiments/study.py                 # everything
     python experiments/study.py --sweeps methods --seeds 0
