@@ -8,11 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo study test test-fast lint format bench clean
 
+# MLflow and W&B go on top of dev in a second pip call (pyproject.toml's trackers extra says why)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[trackers]"
 	touch $(STAMP)
 
 venv: $(STAMP)
