@@ -45,7 +45,7 @@ from lightning_specclip.spectral.clip import batchnorm_scale
 from lightning_specclip.spectral.exact import dense_spectral_norm
 from lightning_specclip.spectral.operator import ImplicitLinear, eval_mode
 from lightning_specclip.spectral.spectrum import spectrum
-from lightning_specclip.targets import clean_name
+from lightning_specclip.targets import clean_name, conv_bn_nodes
 
 __all__ = [
     "ACTIVATION_CONSTANTS",
@@ -427,29 +427,17 @@ def lipschitz_bound(
     device = _model_device(model)
     values, dependent = _run(model, graph, shape, device)
 
-    def known(node: fx.Node) -> Any:
-        return values.get(node.name)
-
     jobs: dict[str, _Job] = {}
     rules: dict[str, tuple[str, Any]] = {}
-    composed: dict[str, str] = {}  # BatchNorm node → conv node, for compositions
-    if compose_batchnorm:
-        for node in graph.nodes:
-            source = node.args[0] if node.args else None
-            if (
-                node.op == "call_module"
-                and isinstance(modules[str(node.target)], _BatchNorm)
-                and isinstance(source, fx.Node)
-                and source.op == "call_module"
-                and isinstance(modules[str(source.target)], _ConvNd)
-                and len(source.users) == 1
-                and modules[str(node.target)].running_var is not None
-            ):
-                composed[node.name] = source.name
+    composed = {  # BatchNorm node name → the conv node it is measured with
+        bn.name: conv
+        for conv, bn in (conv_bn_nodes(graph, modules) if compose_batchnorm else [])
+        if modules[str(bn.target)].running_var is not None
+    }
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr", "output") or node.name not in dependent:
             continue
-        rules[node.name] = _rule(node, modules, user, values, dependent, shape, composed, jobs)
+        rules[node.name] = _rule(node, modules, user, values, dependent, composed, jobs)
 
     measured: dict[str, tuple[float, float, bool]] = {}
     for done, (name, job) in enumerate(jobs.items(), start=1):
@@ -470,7 +458,7 @@ def lipschitz_bound(
             continue
         if node.op == "output":
             outputs = _tensor_nodes(node.args[0])
-            if not (isinstance(node.args[0], fx.Node) and isinstance(known(node.args[0]), Tensor)):
+            if not (isinstance(node.args[0], fx.Node) and isinstance(values.get(node.args[0].name), Tensor)):
                 raise UnsupportedNodeError(
                     f"the model returns {type(values.get(outputs[0].name) if outputs else node.args[0]).__name__} "
                     f"from {', '.join(repr(o.name) for o in outputs) or 'constants'}; lipschitz_bound bounds a "
@@ -599,8 +587,7 @@ def _rule(
     user: Mapping[type[nn.Module] | str, float],
     values: Mapping[str, Any],
     dependent: set[str],
-    shape: tuple[int, ...],
-    composed: Mapping[str, str],
+    composed: Mapping[str, fx.Node],
     jobs: dict[str, _Job],
 ) -> tuple[str, Any]:
     """How one input-dependent node composes: ``(kind, argument)``; linear maps to measure go to ``jobs``."""
@@ -635,7 +622,7 @@ def _rule(
         if len(args) != 1 or node.args[0] is not source:
             raise refuse("it takes more than one input-dependent argument")
         if node.name in composed:
-            conv_node = next(n for n in node.args if isinstance(n, fx.Node))
+            conv_node = composed[node.name]
             conv = modules[str(conv_node.target)]
             conv_in = values[conv_node.args[0].name]
             jobs[node.name] = _Job(

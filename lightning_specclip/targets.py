@@ -18,6 +18,7 @@ __all__ = [
     "PROJECTIONS",
     "attention_projection",
     "clean_name",
+    "conv_bn_nodes",
     "named_modules",
     "TrackedMap",
     "InputShapeRecorder",
@@ -275,7 +276,26 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             stacklevel=2,
         )
         return _pairs_by_order(model)
-    modules = dict(model.named_modules())
+    pairs = conv_bn_nodes(graph, dict(model.named_modules()))
+    return [(clean_name(str(conv.target)), clean_name(str(bn.target))) for conv, bn in pairs]
+
+
+def conv_bn_nodes(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[fx.Node, fx.Node]]:
+    """The ``(conv, bn)`` node pairs of a traced graph where a convolution's output feeds only a BatchNorm.
+
+    Args:
+        graph: the graph of a traced model.
+        modules: the model's ``named_modules()`` by the names the graph's ``call_module`` nodes use.
+
+    Returns:
+        list[tuple[fx.Node, fx.Node]]: the pairs, in graph order.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> pairs = conv_bn_nodes(fx.symbolic_trace(model).graph, dict(model.named_modules()))
+        >>> [(conv.target, bn.target) for conv, bn in pairs]
+        [('0', '1')]
+    """
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
@@ -287,7 +307,7 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
             and isinstance(modules.get(source.target), _ConvNd)
             and len(source.users) == 1
         ):
-            pairs.append((clean_name(str(source.target)), clean_name(str(node.target))))
+            pairs.append((source, node))
     return pairs
 
 
