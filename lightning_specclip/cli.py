@@ -28,11 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_specclip.spectral.clip import batchnorm_scale
-from lightning_specclip.targets import find_conv_bn_pairs, named_modules
-from lightning_specclip.tracking import ground_truth_sigma, input_shapes, spectral_norms
+from lightning_specclip.tracking import batchnorm_gains, composition_norms, input_shapes, spectral_norms
 
 __all__ = ["SourceError", "format_report", "inspect_model", "load_model", "main", "parse_input_shape"]
 
@@ -212,24 +209,6 @@ def load_model(source: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...] |
     return model.eval(), shape
 
 
-def _compositions(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
-    shapes = input_shapes(model, example)
-    modules = named_modules(model)
-    return {
-        f"{conv}+{bn}": ground_truth_sigma(nn.Sequential(modules[conv], modules[bn]), shapes[conv])
-        for conv, bn in find_conv_bn_pairs(model)
-        if conv in shapes
-    }
-
-
-def _batchnorm_gains(model: nn.Module) -> dict[str, float]:
-    return {
-        name: float(batchnorm_scale(m).abs().max())
-        for name, m in named_modules(model).items()
-        if isinstance(m, _BatchNorm) and m.running_var is not None
-    }
-
-
 def inspect_model(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -277,11 +256,14 @@ def inspect_model(
     except UnsupportedNodeError as err:
         norms = spectral_norms(model, torch.zeros(1, *shape))
         return {**norms, "lipschitz": None, "lipschitz_error": str(err)}
-    compositions = dict(result.compositions) if compose_batchnorm else _compositions(model, torch.zeros(1, *shape))
+    if compose_batchnorm:
+        compositions = dict(result.compositions)
+    else:
+        compositions = composition_norms(model, input_shapes(model, torch.zeros(1, *shape)))
     return {
         "layers": dict(result.layers),
         "compositions": compositions,
-        "batchnorms": _batchnorm_gains(model),
+        "batchnorms": batchnorm_gains(model),
         "lipschitz": {"upper": float(result.upper), "lower": float(result.lower)},
     }
 

@@ -26,7 +26,15 @@ from lightning_specclip.targets import (
     select_modules,
 )
 
-__all__ = ["EpochTimer", "SpectralHistory", "ground_truth_sigma", "input_shapes", "spectral_norms"]
+__all__ = [
+    "EpochTimer",
+    "SpectralHistory",
+    "batchnorm_gains",
+    "composition_norms",
+    "ground_truth_sigma",
+    "input_shapes",
+    "spectral_norms",
+]
 
 #: Operators with at most this many inputs get a dense SVD; larger ones ARPACK.
 DENSE_LIMIT = 2048
@@ -97,17 +105,53 @@ def spectral_norms(model: nn.Module, example: Tensor) -> dict[str, dict[str, flo
     shapes = input_shapes(model, example)
     modules = named_modules(model)
     layers = {name: ground_truth_sigma(modules[name], shape) for name, shape in shapes.items()}
-    compositions = {
+    compositions = composition_norms(model, shapes)
+    batchnorms = batchnorm_gains(model)
+    return {"layers": layers, "compositions": compositions, "batchnorms": batchnorms}
+
+
+def composition_norms(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """Ground-truth spectral norm of every conv∘BatchNorm composition (BatchNorm's running statistics), at the
+    conv's input shape.
+
+    Args:
+        model: the model.
+        shapes: each layer's input shape, as :func:`input_shapes` gives them; convs not in it are left out.
+
+    Returns:
+        dict[str, float]: ``"conv+bn"`` → σ.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+        >>> list(composition_norms(model, {"0": (1, 6, 6)}))
+        ['0+1']
+    """
+    modules = named_modules(model)
+    return {
         f"{conv}+{bn}": ground_truth_sigma(nn.Sequential(modules[conv], modules[bn]), shapes[conv])
         for conv, bn in find_conv_bn_pairs(model)
         if conv in shapes
     }
-    batchnorms = {
+
+
+def batchnorm_gains(model: nn.Module) -> dict[str, float]:
+    """Largest gain ``max |γ|/√(running_var+ε)`` of every BatchNorm with running statistics.
+
+    Args:
+        model: the model.
+
+    Returns:
+        dict[str, float]: BatchNorm name → its largest gain.
+
+    Example:
+        >>> batchnorm_gains(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, eps=0.0)))
+        {'1': 1.0}
+    """
+    return {
         name: float(batchnorm_scale(m).abs().max())
-        for name, m in modules.items()
+        for name, m in named_modules(model).items()
         if isinstance(m, _BatchNorm) and m.running_var is not None
     }
-    return {"layers": layers, "compositions": compositions, "batchnorms": batchnorms}
 
 
 class SpectralHistory(Callback):
