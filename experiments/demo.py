@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,28 @@ SWEEPS = [
     # simple_conv with BatchNorm: the conv clipped alone (BN can undo it) vs. the composition clipped as one map
     ("demo", "batchnorm", ["clip=fastclip", "clip.target=1", "bn=with,composed"]),
 ]
+
+
+def run_multirun(experiment: str, overrides: Sequence[str], sweep_dir: Path) -> None:
+    """Run ``experiments/train.py -m experiment=<experiment> <overrides>`` into ``sweep_dir``, one intra-op thread
+    per run (unless ``OMP_NUM_THREADS`` is set), without progress bars; raise if it fails.
+
+    Args:
+        experiment: the preset in ``conf/experiment/``.
+        overrides: Hydra overrides, sweeps included (``clip=fastclip,gouk``).
+        sweep_dir: where the runs go (``hydra.sweep.dir``).
+    """
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "train.py"),
+        "-m",
+        f"experiment={experiment}",
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        "+trainer.enable_progress_bar=false",
+    ]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", **os.environ})
 
 
 def _fastclip_ratios(runs: list[Path]) -> None:
@@ -62,17 +85,7 @@ def main() -> None:
     runs = out / "runs"
     started = time.perf_counter()
     for experiment, name, overrides in SWEEPS:
-        command = [
-            sys.executable,
-            str(ROOT / "experiments" / "train.py"),
-            "-m",
-            f"experiment={experiment}",
-            *overrides,
-            f"hydra.sweep.dir={runs / name}",
-            "+trainer.enable_progress_bar=false",
-        ]
-        print("$", " ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", **os.environ})
+        run_multirun(experiment, overrides, runs / name)
     small = [runs / name for experiment, name, _ in SWEEPS if experiment == "demo"]
     report.main([*map(str, small), "--out", str(out)])
     report.main([str(runs / "resnet18"), "--out", str(out / "resnet18")])

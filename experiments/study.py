@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import report  # noqa: E402  (experiments/ is not a package)
+from demo import run_multirun  # noqa: E402
 
 SWEEPS = {
     "methods": ["clip=fastclip,gouk,miyato,senderovich,gram,none"],
@@ -81,20 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = args.out / "runs"
     started = time.perf_counter()
     for name in args.sweeps:
-        command = [
-            sys.executable,
-            str(ROOT / "experiments" / "train.py"),
-            "-m",
-            "experiment=resnet18_digits",
-            *SWEEPS[name],
-            f"seed={args.seeds}",
-            "hydra/launcher=joblib_local",
-            f"hydra.launcher.n_jobs={args.jobs}",
-            f"hydra.sweep.dir={runs / name}",
-            "+trainer.enable_progress_bar=false",
-        ]
-        print("$", " ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1", **os.environ})
+        launcher = ["hydra/launcher=joblib_local", f"hydra.launcher.n_jobs={args.jobs}"]
+        run_multirun("resnet18_digits", [*SWEEPS[name], f"seed={args.seeds}", *launcher], runs / name)
     report.main([str(runs), "--out", str(args.out)])
     misses = fastclip_misses(runs)
     print(f"Study: {time.perf_counter() - started:.0f} s; report: {args.out / 'report.md'}")
