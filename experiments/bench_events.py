@@ -40,26 +40,26 @@ _SYNCS = ("aten::_local_scalar_dense", "aten::item")
 
 @contextmanager
 def _count_products() -> Iterator[Callable[[], int]]:
-    """Count the vectors that go through any ``ImplicitLinear.apply`` inside the block, and those the per-step
-    update runs side by side in one grouped convolution (one per layer of the group); yields a reader."""
+    """Count the vectors that go through any ``ImplicitLinear.apply`` inside the block, and those run side by side
+    in one grouped convolution (``power.Grams``: one per layer of the group); yields a reader."""
     count = [0]
-    original, grouped = operator.ImplicitLinear.apply, power.PowerStep._products
+    original, grouped = operator.ImplicitLinear.apply, power.Grams.__call__
 
     def counted(self: operator.ImplicitLinear, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         count[0] += x.shape[0]
         return original(self, x, *args, **kwargs)
 
-    def counted_grouped(self: power.PowerStep) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        count[0] += sum(len(group) for group in self._groups if len(group) > 1)  # the others go through apply
-        return grouped(self)
+    def counted_grouped(self: power.Grams, vectors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        count[0] += sum(len(group) for group in self.groups if len(group) > 1)  # the others go through apply
+        return grouped(self, vectors)
 
     operator.ImplicitLinear.apply = counted  # type: ignore[method-assign]
-    power.PowerStep._products = counted_grouped  # type: ignore[method-assign]
+    power.Grams.__call__ = counted_grouped  # type: ignore[method-assign]
     try:
         yield lambda: count[0]
     finally:
         operator.ImplicitLinear.apply = original  # type: ignore[method-assign]
-        power.PowerStep._products = grouped  # type: ignore[method-assign]
+        power.Grams.__call__ = grouped  # type: ignore[method-assign]
 
 
 def _measure(

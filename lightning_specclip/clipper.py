@@ -16,14 +16,15 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_specclip.methods import METHODS, ClipMethod
 from lightning_specclip.spectral.clip import (
+    ClipResult,
     NotLinearInWeightError,
     _positive_finite,
     check_clippable,
-    clip_spectral_norm_,
+    clip_spectral_norms_,
 )
 from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.power import PowerStep
-from lightning_specclip.spectral.spectrum import Spectrum, spectrum
+from lightning_specclip.spectral.spectrum import Spectrum, gap_free_spectra, spectrum
 from lightning_specclip.targets import (
     LAYER_TYPES,
     PROJECTIONS,
@@ -195,6 +196,22 @@ def _warn(message: str) -> None:
 def _info(message: str) -> None:
     if not _distributed() or torch.distributed.get_rank() == 0:
         log.info("SpectralClipper: %s", message)
+
+
+def _disjoint(due: Sequence[tuple[TrackedMap, float]]) -> list[list[tuple[TrackedMap, float]]]:
+    """``due`` in batches of maps that share no parameter: a map goes in the batch after the last one holding a map
+    it shares a parameter with (the order of ``due`` among maps that share parameters is kept)."""
+    batches: list[list[tuple[TrackedMap, float]]] = []
+    last: dict[int, int] = {}  # parameter -> the latest batch holding a map of it
+    for item in due:
+        params = [id(p) for p in item[0].module.parameters()]
+        index = 1 + max((last[p] for p in params if p in last), default=-1)
+        if index == len(batches):
+            batches.append([])
+        batches[index].append(item)
+        for p in params:
+            last[p] = index
+    return batches
 
 
 class SpectralClipper:
@@ -703,14 +720,20 @@ class SpectralClipper:
 
     def _track_all(self) -> None:
         """The per-step update of every map; one power step each for the warm single-vector standard layers
-        together (:class:`~lightning_specclip.spectral.PowerStep`: one CUDA graph replay on GPUs)."""
+        together (:class:`~lightning_specclip.spectral.PowerStep`: one CUDA graph replay on GPUs); maps not yet
+        measured (the warm-up) are measured together."""
         together: list[tuple[TrackedMap, ImplicitLinear]] = []
+        cold: list[TrackedMap] = []
         for m in self.maps:
-            A, live = self._operator(m) if self._warm(m) and self._k(m) == 1 else (None, False)
+            if not self._warm(m):
+                cold.append(m)
+                continue
+            A, live = self._operator(m) if self._k(m) == 1 else (None, False)
             if A is not None and live and A.closed_form:
                 together.append((m, A))
             else:
                 self._track(m, operator=A)
+        self._measure_all(cold)
         if not together:
             return
         operators = [A for _, A in together]
@@ -722,41 +745,43 @@ class SpectralClipper:
             state.right, state.values = vector, value
             self.method.step(m, state.method_state)
 
-    def _track(self, tracked: TrackedMap, *, converge: bool = False, operator: ImplicitLinear | None = None) -> None:
+    def _track(self, tracked: TrackedMap, *, operator: ImplicitLinear | None = None) -> None:
+        """The paper's per-step update of one warm map: warm-started subspace iterations (one AᵀA block each)."""
         state = self._states[tracked.name]
-        k = self._k(tracked)
-        warm = self._warm(tracked)
-        if warm and not converge:  # the paper's per-step update: warm-started subspace iterations (one AᵀA block each)
-            result = spectrum(
-                operator if operator is not None else self._operator(tracked)[0],
-                k=k,
-                solver="subspace",
-                init=state.right,
-                max_iters=self.iters_per_step,
-                tol=1e-12,
-                check_affine=False,
-                left=False,
-            )
-        elif not self._finite(tracked):  # nothing to measure; the clip warns about it
-            return
-        else:  # warm-up, or re-measuring after a clip or at the end
-            result = self._measure(tracked, state.right if warm else None)
+        result = spectrum(
+            operator if operator is not None else self._operator(tracked)[0],
+            k=self._k(tracked),
+            solver="subspace",
+            init=state.right,
+            max_iters=self.iters_per_step,
+            tol=1e-12,
+            check_affine=False,
+            left=False,
+        )
         state.right, state.values = result.right, result.values
         self.method.step(tracked, state.method_state)
 
-    def _measure(self, tracked: TrackedMap, warm: Tensor | None) -> Spectrum:
-        """The map's top-``k`` spectrum, measured so that σ₁ is found whatever the spectrum: the gap-free Lanczos of
-        :func:`~lightning_specclip.spectrum` from a random vector (σ₁ within 0.75%), then Krylov from its vector (and
-        the warm ones) to a residual of 1e-3 (σ to ~1e-6 where σ₁ stands apart). Starting from the warm vectors
-        alone could miss a new top, and a residual test alone can stop below σ₁ when many values crowd there."""
-        A = ImplicitLinear(tracked.module, tracked.input_shape, check_affine=False)  # affinity was probed once
-        found = spectrum(A, solver="gap_free", tol=0.0075, left=False)
-        k = self._k(tracked)
-        start = found.right if warm is None or k == 1 else torch.cat([found.right, warm[: k - 1].to(found.right)])
-        result = spectrum(A, k=k, init=start, max_iters=self.warmup_iters, tol=1e-3, left=False)
-        if result.values[0] < found.values[0]:  # both are lower bounds on σ₁: keep the better one
-            result = dataclasses.replace(result, values=torch.cat([found.values, result.values[1:]]))
-        return result
+    def _measure_all(self, maps: Sequence[TrackedMap]) -> None:
+        """Measure maps anew (the warm-up, after a clip moved them, at the end), so that σ₁ is found whatever the
+        spectrum: the gap-free Lanczos of :func:`~lightning_specclip.spectral.spectrum.gap_free_spectra` from a
+        random vector (σ₁ within 0.75%; all the maps in lock-step), then Krylov from its vector (and the warm ones)
+        to a residual of 1e-3 (σ to ~1e-6 where σ₁ stands apart). Starting from the warm vectors alone could miss a
+        new top, and a residual test alone can stop below σ₁ when many values crowd there. Maps with non-finite
+        weights are skipped (the clip warns about them)."""
+        maps = [m for m in maps if self._finite(m)]
+        if not maps:
+            return
+        operators = [ImplicitLinear(m.module, m.input_shape, check_affine=False) for m in maps]  # affinity: probed once
+        for m, A, found in zip(maps, operators, gap_free_spectra(operators, 0.0075, left=False), strict=True):
+            state = self._states[m.name]
+            warm = state.right if self._warm(m) else None
+            k = self._k(m)
+            start = found.right if warm is None or k == 1 else torch.cat([found.right, warm[: k - 1].to(found.right)])
+            result = spectrum(A, k=k, init=start, max_iters=self.warmup_iters, tol=1e-3, left=False)
+            if result.values[0] < found.values[0]:  # both are lower bounds on σ₁: keep the better one
+                result = dataclasses.replace(result, values=torch.cat([found.values, result.values[1:]]))
+            state.right, state.values = result.right, result.values
+            self.method.step(m, state.method_state)
 
     def _drop_non_finite(self) -> None:
         """Forget tracked spectra that are not finite (the weights were, for a while): they are measured anew."""
@@ -778,10 +803,8 @@ class SpectralClipper:
         by the same factor) so that each one lands at or below its value. ``final`` also measures to
         convergence the maps no clip moved, so that what is reported is measured.
         """
-        self._drop_non_finite()
-        for m in self.maps:  # measure anew what was dropped (or never measured), where the weights allow
-            if self._states[m.name].values is None:
-                self._track(m, converge=True)
+        self._drop_non_finite()  # and measure anew what was dropped (or never measured), where the weights allow
+        self._measure_all([m for m in self.maps if self._states[m.name].values is None])
         due = []
         for m in self.maps:
             value = self.target_of(m)
@@ -803,9 +826,7 @@ class SpectralClipper:
             self._states[name].clips += 1
         if final:  # the per-step estimates of maps nobody clipped can lag behind: measure them
             clipped = {m.name for m, _ in due}
-            for m in self.maps:
-                if m.name not in clipped:
-                    self._track(m, converge=True)
+            self._measure_all([m for m in self.maps if m.name not in clipped])
         self._clipped_step = self._num_steps
 
     def _sigma(self, tracked: TrackedMap) -> float:
@@ -817,41 +838,62 @@ class SpectralClipper:
         return measured is not None and measured.right.shape[0] >= self._k(tracked)
 
     def _clip_pass(self, due: Sequence[tuple[TrackedMap, float]], changed: set[str], rescale: bool) -> None:
+        """Clip the due maps: in batches of maps that share no parameter, each batch in one call of the method
+        (FastClip measures a batch's maps in lock-step), in the order of ``due`` where maps share parameters."""
         moved_params: set[int] = set()  # parameters some clip moved
         fresh: dict[str, Spectrum] = {}  # spectra the clips measured on the weights they wrote
-        for m, value in due:
-            state = self._states[m.name]
-            if m.kind == "batchnorm":
-                result = self.method.clip_batchnorm_(m, value)
-            elif rescale:  # the last resort of an exact method: scale the weight onto the target
-                result = clip_spectral_norm_(
-                    m.module, value, m.input_shape, spectrum=state.right, max_rounds=0, tol=self.method.tol
-                )
-            else:
-                result = self.method.clip_(m, value, state.method_state, state.right)
-            if result is None or not result.changed:
-                if result is not None and self._reusable(m, result.spectrum):
+        for batch in _disjoint(due):
+            for (m, _), result in zip(batch, self._clip_batch(batch, rescale), strict=True):
+                if result is None or not result.changed:
+                    if result is not None and self._reusable(m, result.spectrum):
+                        fresh[m.name] = result.spectrum
+                    continue
+                changed.add(m.name)
+                self._broadcast(m)
+                moved = {id(p) for p in m.module.parameters()}
+                moved_params |= moved
+                for other in self.maps:  # a spectrum measured before this clip is stale if the clip moved it
+                    if other.name in fresh and any(id(p) in moved for p in other.module.parameters()):
+                        del fresh[other.name]
+                if self._reusable(m, result.spectrum):
                     fresh[m.name] = result.spectrum
-                continue
-            changed.add(m.name)
-            self._broadcast(m)
-            moved = {id(p) for p in m.module.parameters()}
-            moved_params |= moved
-            for other in self.maps:  # a spectrum measured before this clip is stale if the clip moved it
-                if other.name in fresh and any(id(p) in moved for p in other.module.parameters()):
-                    del fresh[other.name]
-            if self._reusable(m, result.spectrum):
-                fresh[m.name] = result.spectrum
         # Re-measure every other map whose weights moved (clipping a conv∘BN composition also moves the conv, a
         # layer run at two input sizes is two maps): a clip can hand the top of the spectrum to another direction,
         # which one warm iteration would miss.
+        stale = []
         for m in self.maps:
             if m.name in fresh:
                 state = self._states[m.name]
                 state.right = fresh[m.name].right[: self._k(m)]
                 state.values = fresh[m.name].values[: self._k(m)]
             elif any(id(p) in moved_params for p in m.module.parameters()):
-                self._track(m, converge=True)
+                stale.append(m)
+        self._measure_all(stale)
+
+    def _clip_batch(self, batch: Sequence[tuple[TrackedMap, float]], rescale: bool) -> list[ClipResult | None]:
+        """Clip maps that share no parameter; BatchNorm maps by the method's clamp."""
+        results: list[ClipResult | None] = [None] * len(batch)
+        layers = [i for i, (m, _) in enumerate(batch) if m.kind != "batchnorm"]
+        for i, (m, value) in enumerate(batch):
+            if m.kind == "batchnorm":
+                results[i] = self.method.clip_batchnorm_(m, value)
+        if rescale:  # the last resort of an exact method: scale the weights onto the targets
+            found = clip_spectral_norms_(
+                [batch[i][0].module for i in layers],
+                [batch[i][1] for i in layers],
+                [batch[i][0].input_shape for i in layers],
+                spectra=[self._states[batch[i][0].name].right for i in layers],
+                max_rounds=0,
+                tol=self.method.tol,
+            )
+        else:
+            found = self.method.clip_all_(
+                [(m, value, self._states[m.name].method_state, self._states[m.name].right) for m, value in
+                 (batch[i] for i in layers)]
+            )  # fmt: skip
+        for i, result in zip(layers, found, strict=True):
+            results[i] = result
+        return results
 
     @staticmethod
     def _broadcast(tracked: TrackedMap) -> None:

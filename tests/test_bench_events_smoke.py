@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_events.py"
 
 
 def test_tiny_events_benchmark(tmp_path: Path) -> None:
-    apply, grouped = operator.ImplicitLinear.apply, power.PowerStep._products
+    apply, grouped = operator.ImplicitLinear.apply, power.Grams.__call__
     spec = importlib.util.spec_from_file_location("bench_events", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
@@ -30,4 +30,4 @@ def test_tiny_events_benchmark(tmp_path: Path) -> None:
     assert alone[1] == "per-step, every layer alone" and int(alone[3]) == 21 and int(alone[5]) == 0
     assert warmup[1] == "warm-up" and int(warmup[3]) > int(per_step[3])
     assert operator.ImplicitLinear.apply is apply  # the product counters are taken off again
-    assert power.PowerStep._products is grouped
+    assert power.Grams.__call__ is grouped

@@ -411,17 +411,21 @@ def test_overflowing_least_squares_rolls_back(monkeypatch) -> None:
 
 
 def _raise_at_every_spectrum_call(monkeypatch, make, shape) -> list[int]:
-    """Make ``spectrum`` raise at call 1, 2, …, n in turn; return the calls after which weights had changed."""
-    real = clip_module.spectrum
+    """Make the measurements (``spectrum``, and ``gap_free_spectra`` for the checks) raise at call 1, 2, …, n in
+    turn; return the calls after which weights had changed."""
     counter = {"calls": 0, "raise_at": 0}
 
-    def counted(*args, **kwargs):
-        counter["calls"] += 1
-        if counter["calls"] == counter["raise_at"]:
-            raise RuntimeError("spectrum failed")
-        return real(*args, **kwargs)
+    def counting(real):
+        def counted(*args, **kwargs):
+            counter["calls"] += 1
+            if counter["calls"] == counter["raise_at"]:
+                raise RuntimeError("spectrum failed")
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(clip_module, "spectrum", counted)
+        return counted
+
+    monkeypatch.setattr(clip_module, "spectrum", counting(clip_module.spectrum))
+    monkeypatch.setattr(clip_module, "gap_free_spectra", counting(clip_module.gap_free_spectra))
     clip_spectral_norm_(make(), TARGET, shape, max_rounds=2)  # 2 rounds: fewer calls, still a mid-way failure
     total = counter["calls"]
     assert total >= 3

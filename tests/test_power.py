@@ -106,7 +106,7 @@ def test_layers_of_one_geometry_run_as_one_grouped_convolution_with_the_same_res
     layers += [(m, (128, 3, 3)) for m in wide]
     operators = [ImplicitLinear(m, shape) for m, shape in layers]
     step = PowerStep(operators)
-    assert sorted(map(len, step._groups)) == [1, 1, 1, 2, 3]  # the 3 alike, the 2 Conv1d, the rest alone
+    assert sorted(map(len, step._grams.groups)) == [1, 1, 1, 2, 3]  # the 3 alike, the 2 Conv1d, the rest alone
     starts = [torch.randn(1, *shape) for _, shape in layers]
     values, vectors = step(starts)
     for A, v, value, vector in zip(operators, starts, values, vectors, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 from torch import Tensor
@@ -133,6 +134,24 @@ class ClipMethod:
             ClipResult | None: what was done.
         """
         return None
+
+    def clip_all_(
+        self, items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]]
+    ) -> list[ClipResult | None]:
+        """Clip several maps that share no parameter (a clip event of a training loop); default :meth:`clip_` on
+        each in turn. A method that can do them together (FastClip measures them in lock-step) overrides it.
+
+        Args:
+            items: ``(tracked, value, state, init)`` per map, as :meth:`clip_` takes them.
+
+        Returns:
+            list[ClipResult | None]: per map, in order, what :meth:`clip_` returns.
+
+        Example:
+            >>> NoClip().clip_all_([])
+            []
+        """
+        return [self.clip_(*item) for item in items]
 
     def clip_batchnorm_(self, tracked: TrackedMap, value: float) -> ClipResult | None:
         """Clamp a BatchNorm map: ``|γᵢ|/√(varᵢ+ε) ≤ value`` (exact).

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from torch import Tensor
 
 from lightning_specclip.methods.base import ClipMethod
-from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
+from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_, clip_spectral_norms_
 from lightning_specclip.targets import TrackedMap
 
 __all__ = ["FastClip"]
@@ -69,4 +70,35 @@ class FastClip(ClipMethod):
             max_rounds=self.max_rounds,
             block_size=self.block_size,
             tol=self.tol,
+        )
+
+    def clip_all_(
+        self, items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]]
+    ) -> list[ClipResult | None]:
+        """Clip maps that share no parameter as :meth:`clip_` would, their measurements in lock-step
+        (:func:`~lightning_specclip.spectral.clip.clip_spectral_norms_`).
+
+        Args:
+            items: ``(tracked, value, state, init)`` per map.
+
+        Returns:
+            list[ClipResult | None]: per map, in order, what was done.
+
+        Example:
+            >>> from torch import nn
+            >>> convs = [nn.Conv2d(3, 3, 3, padding=1) for _ in range(2)]
+            >>> maps = [TrackedMap(f"c{i}", "layer", c, c, (3, 8, 8)) for i, c in enumerate(convs)]
+            >>> [round(r.after, 2) for r in FastClip().clip_all_([(m, 0.5, {}, None) for m in maps])]
+            [0.5, 0.5]
+        """
+        return list(
+            clip_spectral_norms_(
+                [m.module for m, *_ in items],
+                [value for _, value, *_ in items],
+                [m.input_shape for m, *_ in items],
+                spectra=[init for *_, init in items],
+                max_rounds=self.max_rounds,
+                block_size=self.block_size,
+                tol=self.tol,
+            )
         )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +46,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from lightning_specclip.spectral.operator import ImplicitLinear, NotLinearInWeightError, eval_mode, linear_part
-from lightning_specclip.spectral.spectrum import Spectrum, spectrum
+from lightning_specclip.spectral.spectrum import Spectrum, gap_free_spectra, spectrum
 
 __all__ = [
     "MODES",
@@ -55,6 +55,7 @@ __all__ = [
     "batchnorm_scale",
     "check_clippable",
     "clip_spectral_norm_",
+    "clip_spectral_norms_",
 ]
 
 
@@ -363,6 +364,56 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
     return delta
 
 
+@dataclass(frozen=True)
+class _Certify:
+    """A gap-free measurement of σ₁ that a clip waits for (see :func:`_run`)."""
+
+    A: ImplicitLinear
+    tol: float
+    seed: int
+    left: bool = False
+
+
+#: a clip in progress: yields the measurements it needs, is sent their results, returns what it did
+_Steps = Generator[_Certify, Spectrum, ClipResult]
+
+
+def _run(clips: Sequence[_Steps]) -> list[ClipResult]:
+    """Run clips to the end, answering the measurements they ask for at one time together, in lock-step
+    (:func:`~lightning_specclip.spectral.spectrum.gap_free_spectra`). If one raises, the others are closed where
+    they are (each writes its module only as its last act) and the error propagates."""
+    results: list[ClipResult] = [None] * len(clips)  # type: ignore[list-item]
+    asked: dict[int, _Certify] = {}
+
+    def advance(i: int, answer: Spectrum | None) -> None:
+        try:
+            asked[i] = clips[i].send(answer)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            results[i] = stop.value
+
+    try:
+        for i in range(len(clips)):
+            advance(i, None)
+        while asked:
+            batch, by_tol = list(asked.items()), {}
+            asked.clear()
+            for i, request in batch:
+                by_tol.setdefault(request.tol, []).append((i, request))
+            for tol, requests in by_tol.items():
+                answers = gap_free_spectra(
+                    [r.A for _, r in requests],
+                    tol,
+                    seeds=[r.seed for _, r in requests],
+                    left=[r.left for _, r in requests],
+                )
+                for (i, _), answer in zip(requests, answers, strict=True):
+                    advance(i, answer)
+    finally:
+        for clip in clips:
+            clip.close()
+    return results
+
+
 def _clip_iterative(
     module: nn.Module,
     param: str,
@@ -375,7 +426,7 @@ def _clip_iterative(
     block_size: int,
     cg_iters: int,
     seed: int,
-) -> ClipResult:
+) -> _Steps:
     weight = module.get_parameter(param)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     work = weight.detach().to(dtype).clone()
@@ -392,10 +443,8 @@ def _clip_iterative(
     # test can settle on a singular value below σ₁ when many crowd there, and one started from warm vectors can
     # stay on them while another singular value is above the target; nothing either returns would show it. The
     # decisions leave a margin of tol/4 on the target, and `certain` is what keeps the result within tol of it.
+    # (Each one is a `_Certify` request yielded to the caller, which answers it alone or with other clips'.)
     certain = 0.75 * tol / (1 + tol)
-
-    def certify(round_seed: int, left: bool = False) -> Spectrum:
-        return spectrum(A, solver="gap_free", tol=certain, seed=round_seed, left=left)
 
     # The least-squares rounds only need directions to move: a residual test (‖AᵀA v − σ²v‖ ≤ tol·σ₁²) is enough.
     def measure(start: Tensor | None, round_seed: int, k: int, iters: int | None = None) -> Spectrum:
@@ -407,12 +456,12 @@ def _clip_iterative(
     warm = init is not None
     current = measure(init, seed, block, iters=1) if warm else measure(None, seed, block)
     if mode == "clip" and current.sigma <= target * (1 + tol / 4):  # perhaps nothing to do: make sure
-        confirmed = certify(seed, left=True)  # (its images, for the round that follows if it is above)
+        confirmed = yield _Certify(A, certain, seed, left=True)  # (its images, for a round if it is above)
         if confirmed.sigma <= target * (1 + tol / 4):
             return ClipResult(confirmed.sigma, confirmed.sigma, target, 0, True, False, confirmed, changed=False)
         current = confirmed if block == 1 else measure(confirmed.right, seed, block)
     before = current.sigma
-    if mode == "set" and before == 0.0 and certify(seed).sigma == 0.0:
+    if mode == "set" and before == 0.0 and (yield _Certify(A, certain, seed)).sigma == 0.0:
         raise ValueError("the layer's linear map is zero: its spectral norm cannot be set")
     rounds = 0
     fresh = True  # whether `current` was measured on the present working weight
@@ -433,7 +482,7 @@ def _clip_iterative(
         if not fresh:  # the last round: the final check below measures its result
             break
         current = measure(current.right, seed + rounds, block)  # direction finding: the final check decides
-    final = certify(seed + rounds + 1)
+    final = yield _Certify(A, certain, seed + rounds + 1)
     if fresh and current.sigma > final.sigma:
         final = current
     # The map is linear in the weight: scaling it lands σ₁ on the target from either side (and scales the whole
@@ -536,7 +585,81 @@ def clip_spectral_norm_(
         False
     """
     with torch.inference_mode(False):  # autograd is needed even inside Lightning's validation/test loops
-        return _clip(module, target, input_shape, mode, spectrum, tol, max_rounds, block_size, cg_iters, param, seed)
+        return _run(
+            [_clip(module, target, input_shape, mode, spectrum, tol, max_rounds, block_size, cg_iters, param, seed)]
+        )[0]
+
+
+def clip_spectral_norms_(
+    modules: Sequence[Clippable],
+    targets: float | Sequence[float],
+    input_shapes: Sequence[Sequence[int] | None],
+    *,
+    mode: str = "clip",
+    spectra: Sequence[Spectrum | Tensor | None] | None = None,
+    tol: float = 1e-2,
+    max_rounds: int = 6,
+    block_size: int = 8,
+    cg_iters: int = 10,
+    seed: int = 0,
+) -> list[ClipResult]:
+    """:func:`clip_spectral_norm_` of several layers at once, their measurements in lock-step.
+
+    Each layer is clipped exactly as :func:`clip_spectral_norm_` would (same decisions, same seeds, the same
+    guarantee on what is written), but the measurements that decide (gap-free Lanczos from random vectors) run
+    for all the layers together (:func:`~lightning_specclip.spectral.spectrum.gap_free_spectra`): a few kernels
+    per Lanczos step for all of them instead of a few dozen per layer, the cost of clipping a whole network.
+
+    Args:
+        modules: the layers (each as :func:`clip_spectral_norm_` takes it); no parameter may belong to two.
+        targets: the spectral norm to clip each to (one for all, or one per layer).
+        input_shapes: each layer's input shape (``None`` where :func:`clip_spectral_norm_` needs none).
+        mode: ``"clip"`` or ``"set"``, for all.
+        spectra: each layer's warm start (or ``None``), as ``spectrum=`` of :func:`clip_spectral_norm_`.
+        tol: relative tolerance on each final norm.
+        max_rounds: least-squares rounds per layer before the exact-scaling fallback.
+        block_size: singular vectors handled per round.
+        cg_iters: conjugate-gradient iterations per round.
+        seed: seed of the random starting vectors (each layer's are those :func:`clip_spectral_norm_` uses).
+
+    Returns:
+        list[ClipResult]: per layer, in order, what :func:`clip_spectral_norm_` returns.
+
+    Raises:
+        ValueError: lists of different lengths, a parameter shared by two layers (clip them one after the
+            other), or anything :func:`clip_spectral_norm_` raises for a layer. If one layer fails, the layers
+            whose clip had finished are written and the others are left unchanged.
+        NotLinearInWeightError: as :func:`clip_spectral_norm_`.
+        TypeError: as :func:`clip_spectral_norm_`.
+        RuntimeError: as :func:`clip_spectral_norm_`.
+
+    Example:
+        >>> convs = [nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)]
+        >>> results = clip_spectral_norms_(convs, 0.5, [(4, 8, 8)] * 3)
+        >>> [round(r.after, 2) for r in results]
+        [0.5, 0.5, 0.5]
+    """
+    count = len(modules)
+    targets = [targets] * count if isinstance(targets, float | int) else list(targets)
+    spectra = [None] * count if spectra is None else list(spectra)
+    if not len(targets) == len(input_shapes) == len(spectra) == count:
+        raise ValueError(
+            f"need one target, input shape and spectrum per module ({count}); got {len(targets)}, "
+            f"{len(input_shapes)} and {len(spectra)}"
+        )
+    owner: dict[int, int] = {}
+    for i, module in enumerate(modules):
+        for p in _as_module(module).parameters():
+            j = owner.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(f"modules {j} and {i} share a parameter: clip them one after the other")
+    with torch.inference_mode(False):
+        return _run(
+            [
+                _clip(m, c, shape, mode, warm, tol, max_rounds, block_size, cg_iters, None, seed)
+                for m, c, shape, warm in zip(modules, targets, input_shapes, spectra, strict=True)
+            ]
+        )
 
 
 def _clip(
@@ -551,7 +674,7 @@ def _clip(
     cg_iters: int,
     param: str | None,
     seed: int,
-) -> ClipResult:
+) -> _Steps:
     target = _check_args(target, mode, tol)
     module = _as_module(module)
     _check_finite(module)
@@ -560,17 +683,17 @@ def _clip(
     args = (target, input_shape, mode, spectrum, tol, max_rounds, block_size, cg_iters, param, seed)
     pair = _layer_and_bn(module) if param is None else None
     if pair is None:
-        return _clip_plain(module, *args)
+        return (yield from _clip_plain(module, *args))
     layer, bn = pair
     problem = _reparametrization_problem(layer)
     if problem is not None:
         raise ValueError(f"cannot clip {type(layer).__name__}: {problem}")
     if _reparametrization(layer) is None:
-        return _clip_plain(module, *args)
+        return (yield from _clip_plain(module, *args))
     # Clip a plain copy holding the computed weight, then write it back through the parametrization.
     plain_layer = _plain_copy(layer)
     plain = plain_layer if bn is None else nn.Sequential(plain_layer, bn)
-    result = _clip_plain(plain, *args)
+    result = yield from _clip_plain(plain, *args)
     if not result.changed:
         return result
     dense = _dense(plain_layer)
@@ -589,7 +712,7 @@ def _clip_plain(
     cg_iters: int,
     param: str | None,
     seed: int,
-) -> ClipResult:
+) -> _Steps:
     """Clip a module whose weight is an ordinary parameter (no parametrization)."""
     pair = _layer_and_bn(module)
     if param is None and pair is not None and _dense(pair[0]):
@@ -603,7 +726,8 @@ def _clip_plain(
             f"on the input size (pass the shape of one input without the batch dimension, e.g. (C, H, W))"
         )
     init = spectrum.right if isinstance(spectrum, Spectrum) else spectrum
-    return _clip_iterative(module, param, target, input_shape, mode, init, tol, max_rounds, block_size, cg_iters, seed)
+    args = (target, input_shape, mode, init, tol, max_rounds, block_size, cg_iters, seed)
+    return (yield from _clip_iterative(module, param, *args))
 
 
 # Parametrized weights

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from lightning_specclip.spectral.operator import ImplicitLinear
 
-__all__ = ["PowerStep"]
+__all__ = ["Grams", "PowerStep"]
 
 _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 #: on a CPU, convolutions with at most this many (input, output) channel pairs run grouped (see _group_key)
@@ -26,7 +26,7 @@ def _group_key(A: ImplicitLinear) -> tuple | None:
     faster; wider layers ran as fast alone, or faster (oneDNN on x86).
     """
     m = A.op
-    if type(m) not in _CONVS or not A.closed_form or not A.live:
+    if type(m) not in _CONVS or not A.closed_form:
         return None
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         return None
@@ -34,6 +34,74 @@ def _group_key(A: ImplicitLinear) -> tuple | None:
         return None
     return (type(m), m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
             A.input_shape, A.dtype)  # fmt: skip
+
+
+class Grams:
+    """``(AᵀA x, A x)`` for one batch-1 vector per operator; several same-geometry convolutions as one grouped one.
+
+    On a CPU a batch-1 convolution of a narrow layer runs far below the machine's speed, and several side by side
+    (their inputs stacked along the channels, their weights along the output channels: one convolution with G
+    times the groups, whose output and input gradient are the layers' ones side by side) run faster.
+
+    Args:
+        operators: the operators, all on one device.
+        group: run plain zero-padded convolutions of one geometry and input shape as one grouped convolution.
+        fixed: the operators' weights do not change between calls (one measurement): stack them once.
+
+    Example:
+        >>> convs = [nn.Conv2d(2, 2, 3, padding=1) for _ in range(3)]
+        >>> grams = Grams([ImplicitLinear(c, (2, 5, 5)) for c in convs], group=True)
+        >>> grams.groups
+        [[0, 1, 2]]
+        >>> x = [torch.randn(1, 2, 5, 5) for _ in convs]
+        >>> g, y = grams(x)[1]
+        >>> torch.allclose(y, convs[1](x[1]) - convs[1].bias.view(1, 2, 1, 1), atol=1e-6)
+        True
+    """
+
+    def __init__(self, operators: Sequence[ImplicitLinear], *, group: bool, fixed: bool = False) -> None:
+        self.operators = list(operators)
+        together: dict[tuple, list[int]] = {}
+        self.groups: list[list[int]] = []
+        for i, A in enumerate(self.operators):
+            key = _group_key(A) if group else None
+            if key is None:
+                self.groups.append([i])
+            else:
+                together.setdefault(key, []).append(i)
+        self.groups += together.values()
+        self._weights = {j: self._weight(g) for j, g in enumerate(self.groups) if len(g) > 1} if fixed else None
+
+    def _weight(self, group: list[int]) -> Tensor:
+        return torch.cat([self.operators[i].tensors["weight"] for i in group])
+
+    def __call__(self, vectors: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """The products.
+
+        Args:
+            vectors: one ``(1, *input_shape)`` vector per operator, in order.
+
+        Returns:
+            list[tuple[Tensor, Tensor]]: ``(AᵀA x, A x)`` per operator, in order.
+        """
+        out: list[tuple[Tensor, Tensor]] = [None] * len(self.operators)  # type: ignore[list-item]
+        for j, group in enumerate(self.groups):
+            if len(group) == 1:
+                out[group[0]] = self.operators[group[0]].gram(vectors[group[0]])
+                continue
+            m = self.operators[group[0]].op
+            weight = self._weights[j] if self._weights is not None else self._weight(group)
+            x = torch.cat([vectors[i] for i in group], dim=1)
+            groups = len(group) * m.groups
+            y = _CONVS[type(m)](x, weight, None, m.stride, m.padding, m.dilation, groups)
+            zeros = (0,) * len(m.kernel_size)
+            mask = (True, False, False)
+            g = torch.ops.aten.convolution_backward(
+                y, x, weight, None, m.stride, m.padding, m.dilation, False, zeros, groups, mask
+            )[0]
+            for i, gi, yi in zip(group, g.split(m.in_channels, 1), y.split(m.out_channels, 1), strict=True):
+                out[i] = (gi, yi)
+        return out
 
 
 class PowerStep:
@@ -90,17 +158,8 @@ class PowerStep:
         self.graph = self.device.type == "cuda" if graph is None else graph
         if self.graph and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs operators on a CUDA device; they are on {self.device}")
-        # Operators run alone or several of one geometry as one grouped convolution (indices).
         group = self.device.type == "cpu" if group is None else group
-        together: dict[tuple, list[int]] = {}
-        self._groups: list[list[int]] = []
-        for i, A in enumerate(self.operators):
-            key = _group_key(A) if group else None
-            if key is None:
-                self._groups.append([i])
-            else:
-                together.setdefault(key, []).append(i)
-        self._groups += together.values()
+        self._grams = Grams(self.operators, group=group)
         self.vectors = [A.zeros(1) for A in self.operators]  # the graph's inputs and outputs, updated in place
         self.values = [torch.zeros(1, dtype=A.dtype, device=A.device) for A in self.operators]
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -146,37 +205,13 @@ class PowerStep:
         # The products run per operator; everything else is a handful of multi-tensor (foreach) ops for all of
         # them together. σ₁ of the incoming x is ‖A x‖/‖x‖ (= √(xᵀAᵀA x / xᵀx), read off the forward product).
         tiny = torch.finfo(self.vectors[0].dtype).tiny
-        products = self._products()
+        products = self._grams(self.vectors)
         grams, images = [g for g, _ in products], [y for _, y in products]
         image_norms = torch.stack(torch._foreach_norm(images))
         vector_norms = torch.stack(torch._foreach_norm(self.vectors))
         torch._foreach_copy_(self.values, list((image_norms / vector_norms.clamp_min(tiny)).view(-1, 1).unbind()))
         gram_norms = torch._foreach_clamp_min(torch._foreach_norm(grams), tiny)
         torch._foreach_copy_(self.vectors, torch._foreach_div(grams, gram_norms))
-
-    def _products(self) -> list[tuple[Tensor, Tensor]]:
-        """``(AᵀA x, A x)`` for every operator and its vector, in order."""
-        out: list[tuple[Tensor, Tensor]] = [None] * len(self.operators)  # type: ignore[list-item]
-        for group in self._groups:
-            if len(group) == 1:
-                out[group[0]] = self.operators[group[0]].gram(self.vectors[group[0]])
-                continue
-            # Layers i = 1..G side by side: their inputs stacked along the channels and their weights along the
-            # output channels make one convolution with G times the groups, whose output and input gradient are
-            # the layers' ones side by side.
-            m = self.operators[group[0]].op
-            weight = torch.cat([self.operators[i].tensors["weight"] for i in group])
-            x = torch.cat([self.vectors[i] for i in group], dim=1)
-            groups = len(group) * m.groups
-            y = _CONVS[type(m)](x, weight, None, m.stride, m.padding, m.dilation, groups)
-            zeros = (0,) * len(m.kernel_size)
-            mask = (True, False, False)
-            g = torch.ops.aten.convolution_backward(
-                y, x, weight, None, m.stride, m.padding, m.dilation, False, zeros, groups, mask
-            )[0]
-            for i, gi, yi in zip(group, g.split(m.in_channels, 1), y.split(m.out_channels, 1), strict=True):
-                out[i] = (gi, yi)
-        return out
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         saved = [x.clone() for x in self.vectors]

@@ -31,8 +31,17 @@ import torch
 from torch import Tensor
 
 from lightning_specclip.spectral.operator import ImplicitLinear, Op
+from lightning_specclip.spectral.power import Grams
 
-__all__ = ["GAP_FREE_DENSE_MAX", "GAP_FREE_FAILURE", "SOLVERS", "Spectrum", "gap_free_steps", "spectrum"]
+__all__ = [
+    "GAP_FREE_DENSE_MAX",
+    "GAP_FREE_FAILURE",
+    "SOLVERS",
+    "Spectrum",
+    "gap_free_spectra",
+    "gap_free_steps",
+    "spectrum",
+]
 
 #: the solvers :func:`spectrum` runs
 SOLVERS = ("krylov", "power_qr", "subspace", "gap_free")
@@ -259,35 +268,50 @@ def _power_qr(
     return values, X.T, res, matvecs, iters, converged
 
 
-def _gap_free(A: ImplicitLinear, steps: int, seed: int) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
+def _gap_free(
+    ops: Sequence[ImplicitLinear], steps: int, seeds: Sequence[int]
+) -> list[tuple[Tensor, Tensor, Tensor, int, int, bool]]:
     """``steps`` Lanczos steps on ``AᵀA`` from one seeded Gaussian vector, fully reorthogonalized (the projected
-    matrix is ``Vᵀ AᵀA V`` of the orthonormal basis ``V``), then the top Ritz pair. No restart: the bound of
-    :func:`gap_free_steps` is for the whole Krylov space. Nothing is read back to the host until the end: once a
-    remainder is down to rounding (the space is invariant, its Ritz values exact) the next vectors are zero rows,
-    which change no Ritz value, instead of normalized rounding noise, which is not orthogonal to the basis and
-    would give Ritz values above σ₁²."""
-    n = A.in_features
-    tiny = torch.finfo(A.dtype).tiny
-    V = torch.zeros((steps, n), dtype=A.dtype, device=A.device)
-    H = torch.zeros((steps, steps), dtype=A.dtype, device=A.device)
-    v = _random(A, 1, seed).T
-    v = v / v.norm().clamp_min(tiny)
-    drop = 1e3 * torch.finfo(A.dtype).eps
+    matrix is ``Vᵀ AᵀA V`` of the orthonormal basis ``V``), then the top Ritz pair; for several operators of one
+    input size, dtype and device in lock-step (their products side by side, the rest batched: the work of one
+    operator per step is a few kernels whatever their number). No restart: the bound of :func:`gap_free_steps`
+    is for the whole Krylov space. Nothing is read back to the host until the end: once a remainder is down to
+    rounding (the space is invariant, its Ritz values exact) the next vectors are zero rows, which change no Ritz
+    value, instead of normalized rounding noise, which is not orthogonal to the basis and would give Ritz values
+    above σ₁²."""
+    first = ops[0]
+    n, dtype, device = first.in_features, first.dtype, first.device
+    tiny = torch.finfo(dtype).tiny
+    grams = Grams(ops, group=device.type == "cpu", fixed=True)
+    V = torch.zeros((len(ops), steps, n), dtype=dtype, device=device)
+    H = torch.zeros((len(ops), steps, steps), dtype=dtype, device=device)
+    v = torch.cat([_random(A, 1, seed).T for A, seed in zip(ops, seeds, strict=True)])
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
+    drop = 1e3 * torch.finfo(dtype).eps
     for j in range(steps):
-        V[j] = v[0]
-        W, _ = A.gram(v.reshape(1, *A.input_shape))
-        W = W.reshape(1, n)
-        size = W.norm()
-        basis = V[: j + 1]
-        W, coeffs = _project_out(W, basis)
-        H[j, : j + 1] = H[: j + 1, j] = coeffs[0]
-        beta = W.norm()
+        V[:, j] = v
+        products = grams([x.view(1, *A.input_shape) for x, A in zip(v, ops, strict=True)])
+        W = torch.cat([g.reshape(1, n) for g, _ in products])
+        size = W.norm(dim=1, keepdim=True)
+        basis = V[:, : j + 1]
+        coeffs = torch.bmm(basis, W.unsqueeze(2))  # projected off the basis twice ("twice is enough")
+        W = W - torch.bmm(coeffs.transpose(1, 2), basis).squeeze(1)
+        again = torch.bmm(basis, W.unsqueeze(2))
+        W = W - torch.bmm(again.transpose(1, 2), basis).squeeze(1)
+        coeffs = (coeffs + again).squeeze(2)
+        H[:, j, : j + 1] = coeffs
+        H[:, : j + 1, j] = coeffs
+        beta = W.norm(dim=1, keepdim=True)
         v = torch.where(beta > drop * size, W / beta.clamp_min(tiny), torch.zeros_like(W))
     theta, S = torch.linalg.eigh(H.double().cpu())
-    top = max(float(theta[-1]), 1e-300)
-    vec = S[:, -1:].T.to(A.device, A.dtype) @ V
-    res = torch.tensor([abs(float(S[-1, -1])) * float(W.norm()) / top], dtype=torch.float64)
-    return theta[-1:].clamp_min(0).sqrt(), vec, res, steps, steps, True
+    vecs = torch.bmm(S[:, :, -1:].transpose(1, 2).to(device, dtype), V)
+    last = W.norm(dim=1).double().cpu()
+    results = []
+    for i in range(len(ops)):
+        top = max(float(theta[i, -1]), 1e-300)
+        res = torch.tensor([abs(float(S[i, -1, -1])) * float(last[i]) / top], dtype=torch.float64)
+        results.append((theta[i, -1:].clamp_min(0).sqrt(), vecs[i], res, steps, steps, True))
+    return results
 
 
 def _dense_top(A: ImplicitLinear) -> tuple[Tensor, Tensor, Tensor, int, int, bool]:
@@ -440,7 +464,7 @@ def spectrum(
         if A.in_features <= GAP_FREE_DENSE_MAX:
             values, vecs, res, matvecs, iters, converged = _dense_top(A)
         else:
-            values, vecs, res, matvecs, iters, converged = _gap_free(A, steps, seed)
+            ((values, vecs, res, matvecs, iters, converged),) = _gap_free([A], steps, [seed])
     elif solver == "power_qr":
         values, vecs, res, matvecs, iters, converged = _power_qr(A, k, init, tol, max_iters or 10000, seed)
     elif solver == "subspace":
@@ -451,19 +475,80 @@ def spectrum(
             raise ValueError(f"basis_size must be at least k + block_size = {k + block}, got {basis}")
         budget = max(max_iters or 1000, -(-k // block))  # enough iterations to hold k vectors, whatever max_iters says
         values, vecs, res, matvecs, iters, converged = _krylov(A, k, init, tol, budget, block, basis, seed)
+    return _spectrum(A, values, vecs, res, matvecs, iters, converged, left, solver)
+
+
+def _spectrum(
+    A: ImplicitLinear,
+    values: Tensor,
+    vecs: Tensor,
+    res: Tensor,
+    matvecs: int,
+    iters: int,
+    converged: bool,
+    left: bool,
+    solver: str,
+) -> Spectrum:
     right = vecs.reshape(-1, *A.input_shape)
     values = values.to(A.dtype).to(A.device)
     lefts = None
     if left:
         scale = values.clamp_min(torch.finfo(A.dtype).tiny).view(-1, *([1] * len(A.output_shape)))
         lefts = A.matvec(right) / scale
-    return Spectrum(
-        values=values,
-        right=right,
-        left=lefts,
-        matvecs=matvecs,
-        iters=iters,
-        converged=converged,
-        residuals=res.to(torch.float64),
-        solver=solver,
-    )
+    return Spectrum(values, right, lefts, matvecs, iters, converged, res.to(torch.float64), solver)
+
+
+def gap_free_spectra(
+    operators: Sequence[ImplicitLinear],
+    tol: float,
+    *,
+    failure: float = GAP_FREE_FAILURE,
+    seeds: Sequence[int] | None = None,
+    left: bool | Sequence[bool] = True,
+) -> list[Spectrum]:
+    """``spectrum(A, solver="gap_free", tol=tol, ...)`` for each operator, measured in lock-step.
+
+    The same measurement of each map (σ₁ within ``tol`` with probability ``≥ 1 − failure`` whatever its
+    spectrum, from the same seeded random start), but the Lanczos steps of all the maps of one input size run
+    together: their products side by side (same-geometry convolutions as one grouped convolution on a CPU), the
+    orthogonalizations as batched products. The work per step is then a few kernels for all of them instead of
+    a few dozen per map: what a training loop's clip event of every layer is made of.
+
+    Args:
+        operators: the maps (:class:`ImplicitLinear`), any mix of sizes, dtypes and devices.
+        tol: relative accuracy of σ₁, in ``(0, 1)``.
+        failure: probability allowed of missing σ₁ by more than ``tol``, per map.
+        seeds: seed of each map's random start (default 0 for all).
+        left: also compute the left singular vector (all maps, or per map).
+
+    Returns:
+        list[Spectrum]: one ``k = 1`` spectrum per operator, in order (``solver="gap_free"``).
+
+    Raises:
+        ValueError: ``tol`` or ``failure`` outside ``(0, 1)``, or ``seeds``/``left`` of another length.
+
+    Example:
+        >>> convs = [torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(4)]
+        >>> ops = [ImplicitLinear(c, (3, 16, 16)) for c in convs]
+        >>> together = gap_free_spectra(ops, 0.01, left=False)
+        >>> alone = [spectrum(A, solver="gap_free", tol=0.01, left=False) for A in ops]
+        >>> all(abs(a.sigma - b.sigma) <= 1e-5 * b.sigma for a, b in zip(together, alone))
+        True
+    """
+    seeds = [0] * len(operators) if seeds is None else list(seeds)
+    lefts = [left] * len(operators) if isinstance(left, bool) else list(left)
+    if len(seeds) != len(operators) or len(lefts) != len(operators):
+        raise ValueError(f"need one seed and one left flag per operator ({len(operators)})")
+    results: list[Spectrum] = [None] * len(operators)  # type: ignore[list-item]
+    batches: dict[tuple, list[int]] = {}
+    for i, A in enumerate(operators):
+        steps = gap_free_steps(A.in_features, tol, failure)
+        if A.in_features <= GAP_FREE_DENSE_MAX:
+            results[i] = _spectrum(A, *_dense_top(A), lefts[i], "gap_free")
+        else:
+            batches.setdefault((A.in_features, A.dtype, A.device, steps), []).append(i)
+    for (*_, steps), batch in batches.items():
+        found = _gap_free([operators[i] for i in batch], steps, [seeds[i] for i in batch])
+        for i, measured in zip(batch, found, strict=True):
+            results[i] = _spectrum(operators[i], *measured, lefts[i], "gap_free")
+    return results
