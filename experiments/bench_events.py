@@ -40,8 +40,8 @@ _SYNCS = ("aten::_local_scalar_dense", "aten::item")
 
 @contextmanager
 def _count_products() -> Iterator[Callable[[], int]]:
-    """Count the vectors that go through any ``ImplicitLinear.apply`` inside the block, and those run side by side
-    in one grouped convolution (``power.Grams``: one per layer of the group); yields a reader."""
+    """Count the vectors that go through any ``ImplicitLinear.apply`` inside the block, and those whose convolutions
+    ``power.Grams`` runs directly (one per layer, grouped or not); yields a reader."""
     count = [0]
     original, grouped = operator.ImplicitLinear.apply, power.Grams.__call__
 
@@ -50,7 +50,7 @@ def _count_products() -> Iterator[Callable[[], int]]:
         return original(self, x, *args, **kwargs)
 
     def counted_grouped(self: power.Grams, vectors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        count[0] += sum(len(group) for group in self.groups if len(group) > 1)  # the others go through apply
+        count[0] += sum(len(g) for g, direct in zip(self.groups, self._direct, strict=True) if direct)  # others: apply
         return grouped(self, vectors)
 
     operator.ImplicitLinear.apply = counted  # type: ignore[method-assign]

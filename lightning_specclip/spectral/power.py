@@ -18,6 +18,12 @@ _CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _GROUPED_MAX_CHANNELS = 64 * 64
 
 
+def _plain_conv(A: ImplicitLinear) -> bool:
+    """Whether ``A`` is a zero-padded convolution whose products :class:`Grams` runs as direct kernel calls."""
+    m = A.op
+    return type(m) in _CONVS and A.closed_form and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
 def _group_key(A: ImplicitLinear) -> tuple | None:
     """Operators with one key run their products together as one grouped convolution (``None``: alone).
 
@@ -26,11 +32,7 @@ def _group_key(A: ImplicitLinear) -> tuple | None:
     faster; wider layers ran as fast alone, or faster (oneDNN on x86).
     """
     m = A.op
-    if type(m) not in _CONVS or not A.closed_form:
-        return None
-    if m.padding_mode != "zeros" or isinstance(m.padding, str):
-        return None
-    if m.in_channels * m.out_channels // m.groups > _GROUPED_MAX_CHANNELS:
+    if not _plain_conv(A) or m.in_channels * m.out_channels // m.groups > _GROUPED_MAX_CHANNELS:
         return None
     return (type(m), m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
             A.input_shape, A.dtype)  # fmt: skip
@@ -41,7 +43,9 @@ class Grams:
 
     On a CPU a batch-1 convolution of a narrow layer runs far below the machine's speed, and several side by side
     (their inputs stacked along the channels, their weights along the output channels: one convolution with G
-    times the groups, whose output and input gradient are the layers' ones side by side) run faster.
+    times the groups, whose output and input gradient are the layers' ones side by side) run faster. Plain
+    convolutions call their two kernels directly (the forward and ``aten.convolution_backward`` for the input
+    gradient), alone or grouped: the same kernels as :meth:`ImplicitLinear.gram`, without its per-call work.
 
     Args:
         operators: the operators, all on one device.
@@ -70,10 +74,12 @@ class Grams:
             else:
                 together.setdefault(key, []).append(i)
         self.groups += together.values()
-        self._weights = {j: self._weight(g) for j, g in enumerate(self.groups) if len(g) > 1} if fixed else None
+        self._direct = [_plain_conv(self.operators[g[0]]) for g in self.groups]
+        self._weights = {j: self._weight(g) for j, g in enumerate(self.groups) if self._direct[j]} if fixed else None
 
     def _weight(self, group: list[int]) -> Tensor:
-        return torch.cat([self.operators[i].tensors["weight"] for i in group])
+        weights = [self.operators[i].tensors["weight"] for i in group]
+        return torch.cat(weights) if len(weights) > 1 else weights[0]
 
     def __call__(self, vectors: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """The products.
@@ -86,12 +92,13 @@ class Grams:
         """
         out: list[tuple[Tensor, Tensor]] = [None] * len(self.operators)  # type: ignore[list-item]
         for j, group in enumerate(self.groups):
-            if len(group) == 1:
-                out[group[0]] = self.operators[group[0]].gram(vectors[group[0]])
+            A = self.operators[group[0]]
+            if not self._direct[j]:
+                out[group[0]] = A.gram(vectors[group[0]])
                 continue
-            m = self.operators[group[0]].op
+            m = A.op
             weight = self._weights[j] if self._weights is not None else self._weight(group)
-            x = torch.cat([vectors[i] for i in group], dim=1)
+            x = torch.cat([vectors[i] for i in group], dim=1) if len(group) > 1 else vectors[group[0]]
             groups = len(group) * m.groups
             y = _CONVS[type(m)](x, weight, None, m.stride, m.padding, m.dilation, groups)
             zeros = (0,) * len(m.kernel_size)
@@ -99,6 +106,9 @@ class Grams:
             g = torch.ops.aten.convolution_backward(
                 y, x, weight, None, m.stride, m.padding, m.dilation, False, zeros, groups, mask
             )[0]
+            if len(group) == 1:
+                out[group[0]] = (g, y)
+                continue
             for i, gi, yi in zip(group, g.split(m.in_channels, 1), y.split(m.out_channels, 1), strict=True):
                 out[i] = (gi, yi)
         return out

@@ -271,20 +271,26 @@ def _power_qr(
 def _gap_free(
     ops: Sequence[ImplicitLinear], steps: int, seeds: Sequence[int]
 ) -> list[tuple[Tensor, Tensor, Tensor, int, int, bool]]:
-    """``steps`` Lanczos steps on ``AᵀA`` from one seeded Gaussian vector, fully reorthogonalized (the projected
-    matrix is ``Vᵀ AᵀA V`` of the orthonormal basis ``V``), then the top Ritz pair; for several operators of one
-    input size, dtype and device in lock-step (their products side by side, the rest batched: the work of one
-    operator per step is a few kernels whatever their number). No restart: the bound of :func:`gap_free_steps`
-    is for the whole Krylov space. Nothing is read back to the host until the end: once a remainder is down to
-    rounding (the space is invariant, its Ritz values exact) the next vectors are zero rows, which change no Ritz
-    value, instead of normalized rounding noise, which is not orthogonal to the basis and would give Ritz values
-    above σ₁²."""
+    """``steps`` Lanczos steps on ``AᵀA`` from one seeded Gaussian vector, then the top Ritz vector ``y`` and, as
+    the value, its Rayleigh quotient ``‖A y‖/‖y‖`` computed anew: the gain of an explicit vector, so a lower bound
+    on σ₁ whatever rounding did to the recurrence. For several operators of one input size, dtype and device in
+    lock-step (their products side by side, the rest batched: a few kernels per step for all of them).
+
+    The recurrence is the three-term one, each new vector orthogonalized twice against the two before it; the
+    basis is not reorthogonalized against the older vectors (that costs two passes over the whole basis per step,
+    most of a measurement's time on a CPU). In finite precision the Lanczos vectors then lose orthogonality once a
+    Ritz value converges, which duplicates converged values ("ghosts") but does not slow the largest one's
+    convergence (Paige 1980; Greenbaum 1989), so the steps of :func:`gap_free_steps` keep their meaning; what a
+    lost orthogonality could still do, a Ritz value above σ₁², the Rayleigh quotient of the explicit vector
+    cannot. No restart: the bound is for the whole Krylov space. Nothing is read back to the host until the end:
+    once a remainder is down to rounding (the space is invariant) the next vectors are zero rows instead of
+    normalized rounding noise."""
     first = ops[0]
     n, dtype, device = first.in_features, first.dtype, first.device
     tiny = torch.finfo(dtype).tiny
     grams = Grams(ops, group=device.type == "cpu", fixed=True)
     V = torch.zeros((len(ops), steps, n), dtype=dtype, device=device)
-    H = torch.zeros((len(ops), steps, steps), dtype=dtype, device=device)
+    T = torch.zeros((len(ops), steps, steps), dtype=dtype, device=device)
     v = torch.cat([_random(A, 1, seed).T for A, seed in zip(ops, seeds, strict=True)])
     v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
     drop = 1e3 * torch.finfo(dtype).eps
@@ -293,24 +299,27 @@ def _gap_free(
         products = grams([x.view(1, *A.input_shape) for x, A in zip(v, ops, strict=True)])
         W = torch.cat([g.reshape(1, n) for g, _ in products])
         size = W.norm(dim=1, keepdim=True)
-        basis = V[:, : j + 1]
-        coeffs = torch.bmm(basis, W.unsqueeze(2))  # projected off the basis twice ("twice is enough")
-        W = W - torch.bmm(coeffs.transpose(1, 2), basis).squeeze(1)
-        again = torch.bmm(basis, W.unsqueeze(2))
-        W = W - torch.bmm(again.transpose(1, 2), basis).squeeze(1)
+        local = V[:, max(j - 1, 0) : j + 1]  # the vector and the one before it, twice ("twice is enough")
+        coeffs = torch.bmm(local, W.unsqueeze(2))
+        W = W - torch.bmm(coeffs.transpose(1, 2), local).squeeze(1)
+        again = torch.bmm(local, W.unsqueeze(2))
+        W = W - torch.bmm(again.transpose(1, 2), local).squeeze(1)
         coeffs = (coeffs + again).squeeze(2)
-        H[:, j, : j + 1] = coeffs
-        H[:, : j + 1, j] = coeffs
+        T[:, j, max(j - 1, 0) : j + 1] = coeffs
+        T[:, max(j - 1, 0) : j + 1, j] = coeffs
         beta = W.norm(dim=1, keepdim=True)
         v = torch.where(beta > drop * size, W / beta.clamp_min(tiny), torch.zeros_like(W))
-    theta, S = torch.linalg.eigh(H.double().cpu())
-    vecs = torch.bmm(S[:, :, -1:].transpose(1, 2).to(device, dtype), V)
+    theta, S = torch.linalg.eigh(T.double().cpu())
+    Y = torch.bmm(S[:, :, -1:].transpose(1, 2).to(device, dtype), V).squeeze(1)
+    Y = Y / Y.norm(dim=1, keepdim=True).clamp_min(tiny)
+    products = grams([y.view(1, *A.input_shape) for y, A in zip(Y, ops, strict=True)])
+    gains = torch.cat([image.reshape(1, -1).norm(dim=1) for _, image in products]).double().cpu()
     last = W.norm(dim=1).double().cpu()
     results = []
     for i in range(len(ops)):
         top = max(float(theta[i, -1]), 1e-300)
         res = torch.tensor([abs(float(S[i, -1, -1])) * float(last[i]) / top], dtype=torch.float64)
-        results.append((theta[i, -1:].clamp_min(0).sqrt(), vecs[i], res, steps, steps, True))
+        results.append((gains[i : i + 1], Y[i : i + 1], res, steps + 1, steps, True))
     return results
 
 
