@@ -126,3 +126,29 @@ def test_a_layer_run_at_two_sizes_is_clipped_in_order_and_holds_both_bounds() ->
         truth = dense_spectral_norm(m.module, m.input_shape)
         assert truth <= 1.01
         assert clipper.sigmas[m.name] == pytest.approx(truth, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2), (4, 9, 9)),
+        (lambda: nn.Conv1d(3, 5, 5, padding=4, dilation=2), (3, 11)),
+        (lambda: nn.Conv3d(2, 3, 3, padding=(1, 0, 1)), (2, 5, 5, 5)),
+    ],
+    ids=["conv2d_strided_grouped", "conv1d_dilated", "conv3d"],
+)
+def test_closed_form_weight_products_are_the_autograd_ones(make, shape) -> None:
+    """The least-squares rounds move a plain conv's weight with direct kernel calls; they are the map ``Δ ↦ A_Δ V``
+    and its adjoint that autograd would give."""
+    from lightning_specclip.spectral.clip import _weight_products
+
+    torch.manual_seed(0)
+    conv = make()
+    A = ImplicitLinear(conv, shape)
+    right = torch.randn(2, *shape)
+    apply, adjoint = _weight_products(A, "weight", right)
+    delta = torch.randn_like(conv.weight)
+    expected, vjp = torch.func.vjp(lambda d: A.apply(right, {**A.tensors, "weight": d}), delta)
+    torch.testing.assert_close(apply(delta), expected, rtol=1e-5, atol=1e-5)
+    r = torch.randn_like(expected)
+    torch.testing.assert_close(adjoint(r), vjp(r)[0], rtol=1e-4, atol=1e-4)

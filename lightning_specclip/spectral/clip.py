@@ -34,10 +34,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -60,6 +61,8 @@ __all__ = [
 
 
 MODES = ("clip", "set")
+
+_CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 Clippable = nn.Module | tuple[nn.Module, nn.Module]
 
@@ -328,21 +331,49 @@ def _clip_dense(layer: nn.Linear, bn: _BatchNorm | None, target: float, mode: st
     )
 
 
+def _weight_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Callable[[Tensor], Tensor], ...]:
+    """``Δ ↦ A_Δ V`` (the map is linear in the weight) and its adjoint: for a plain zero-padded convolution's weight
+    the convolution and the kernel autograd runs for its weight gradient, called directly; otherwise through
+    ``torch.func.vjp``."""
+    m = A.op
+    if (
+        param == "weight"
+        and type(m) in _CONV_FUNCTIONS
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    ):
+        conv, zeros, weight = _CONV_FUNCTIONS[type(m)], (0,) * len(m.kernel_size), A.tensors[param]
+        geometry = (m.stride, m.padding, m.dilation)
+        mask = (False, True, False)
+
+        def conv_apply(delta: Tensor) -> Tensor:
+            return conv(right, delta, None, *geometry, m.groups)
+
+        def conv_adjoint(r: Tensor) -> Tensor:
+            return torch.ops.aten.convolution_backward(r, right, weight, None, *geometry, False, zeros, m.groups, mask)[
+                1
+            ]
+
+        return conv_apply, conv_adjoint
+    tensors = A.tensors
+
+    def apply(delta: Tensor) -> Tensor:
+        return A.apply(right, {**tensors, param: delta})
+
+    _, vjp = torch.func.vjp(apply, torch.zeros_like(tensors[param]))
+    return apply, lambda r: vjp(r)[0]
+
+
 def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
     """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS.
 
     Stops after ``iters`` iterations, or as soon as ``‖A_Δ V − rhs‖ ≤ atol`` (the images of ``V`` are then within
     ``atol`` of where they should go: more accuracy would be rounding on top of the final check's tolerance).
     """
-    tensors = A.tensors
-
-    def apply(delta: Tensor) -> Tensor:
-        return A.apply(right, {**tensors, param: delta})
-
-    delta = torch.zeros_like(tensors[param])
-    _, vjp = torch.func.vjp(apply, delta)
+    apply, adjoint = _weight_products(A, param, right)
+    delta = torch.zeros_like(A.tensors[param])
     residual = rhs.clone()
-    (grad,) = vjp(residual)
+    grad = adjoint(residual)
     direction = grad.clone()
     gamma = grad.pow(2).sum()
     for _ in range(iters):
@@ -357,7 +388,7 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
         residual = residual - step * image
         if residual.pow(2).sum() <= atol**2:
             break
-        (grad,) = vjp(residual)
+        grad = adjoint(residual)
         gamma_new = grad.pow(2).sum()
         direction = grad + (gamma_new / gamma) * direction
         gamma = gamma_new
