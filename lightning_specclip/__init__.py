@@ -10,8 +10,14 @@ from lightning_specclip.callback import SpectralClipCallback
 from lightning_specclip.clipper import SpectralClipper
 from lightning_specclip.lipschitz import CertifiedAccuracy, LipschitzBound, UnsupportedNodeError, lipschitz_bound
 from lightning_specclip.methods import METHODS, ClipMethod
-from lightning_specclip.spectral import ImplicitLinear, PowerStep, Spectrum, spectrum
-from lightning_specclip.spectral.clip import ClipResult, NotLinearInWeightError, check_clippable, clip_spectral_norm_
+from lightning_specclip.spectral import ImplicitLinear, PowerStep, Spectrum, gap_free_spectra, spectrum
+from lightning_specclip.spectral.clip import (
+    ClipResult,
+    NotLinearInWeightError,
+    check_clippable,
+    clip_spectral_norm_,
+    clip_spectral_norms_,
+)
 
 __all__ = [
     "METHODS",
@@ -28,6 +34,8 @@ __all__ = [
     "UnsupportedNodeError",
     "check_clippable",
     "clip_spectral_norm_",
+    "clip_spectral_norms_",
+    "gap_free_spectra",
     "lipschitz_bound",
     "spectrum",
 ]
