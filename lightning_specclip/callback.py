@@ -41,9 +41,10 @@ class SpectralClipCallback(Callback):
     Lightning saves its final checkpoint (``max_steps``, ``max_epochs``, and a stop requested with
     ``trainer.should_stop``, e.g. by ``EarlyStopping``: a checkpoint saved then holds the clipped weights);
     the tracked norms in ``trainer.loggers`` (``spectral/<layer>/sigma``) and on the progress bar
-    (``spectral/max_sigma``); its state in checkpoints, for an exact resume; and the refusal of sharded
-    strategies (FSDP, DeepSpeed: each rank holds a shard of every weight). Under DDP the clipper broadcasts
-    the clipped weights from rank 0, so every rank holds bit-identical weights.
+    (``spectral/max_sigma``, updated on the logging schedule and after each clip); its state in checkpoints, for
+    an exact resume; and the refusal of sharded strategies (FSDP, DeepSpeed: each rank holds a shard of every
+    weight). Under DDP the clipper broadcasts the clipped weights from rank 0, so every rank holds bit-identical
+    weights.
 
     Input shapes are those the layers run at in training mode before the first optimizer step (the first
     training batch; sanity-check validation does not count); see :class:`~lightning_specclip.SpectralClipper`.
@@ -225,12 +226,14 @@ class SpectralClipCallback(Callback):
             elif ends and clipper.dirty:
                 clipper.clip()
         every = self.log_every_n_steps or trainer.log_every_n_steps
+        due = clipper.num_steps % every == 0 or not clipper.dirty  # on the logging schedule, or just clipped
         if clipper.num_steps != self._logged_step and clipper.num_steps % every == 0:
             self._logged_step = clipper.num_steps
             self._log(trainer)
         values = clipper.spectra.values()
-        if values:  # a tensor: no wait for the device here
-            top = torch.stack([v[0] for v in values]).max()
+        # The progress bar's σ follows the same schedule: a `log` call costs about as much as the per-step update.
+        if values and (due or "spectral/max_sigma" not in trainer.progress_bar_metrics):
+            top = torch.stack([v[0] for v in values]).max()  # a tensor: no wait for the device here
             pl_module.log("spectral/max_sigma", top, prog_bar=True, logger=False, on_step=True)
 
     def on_save_checkpoint(

@@ -367,3 +367,22 @@ def test_ddp_spawn_two_processes_identical_weights(tmp_path):
     t.fit(Classifier(net), loader(n=64))
     hashes = [Path(tmp_path, f"rank{r}.txt").read_text() for r in (0, 1)]
     assert hashes[0] == hashes[1]
+
+
+def test_progress_bar_sigma_follows_the_logging_schedule_and_the_clips() -> None:
+    """``spectral/max_sigma`` is logged at the first step, every ``log_every_n_steps`` and after each clip (a ``log``
+    call costs about as much as the per-step update), and holds the σ of the last one."""
+    logged: list[int] = []
+
+    class Recording(Classifier):
+        def log(self, name, value, *args, **kwargs):
+            if name == "spectral/max_sigma":
+                logged.append(self.trainer.global_step)
+            return super().log(name, value, *args, **kwargs)
+
+    torch.manual_seed(0)
+    callback = SpectralClipCallback(1.0, every_n_steps=6, log_every_n_steps=4, warmup_iters=20)
+    t = trainer(max_steps=11, callbacks=[callback])
+    t.fit(Recording(scaled(small_cnn(), 5.0)), loader(n=96))
+    assert logged == [1, 4, 6, 8, 11]  # first, schedule (4, 8), clips (6, and the last step's)
+    assert float(t.progress_bar_metrics["spectral/max_sigma"]) == pytest.approx(max(callback.sigmas.values()))

@@ -290,25 +290,32 @@ def _gap_free(
     tiny = torch.finfo(dtype).tiny
     grams = Grams(ops, group=device.type == "cpu", fixed=True)
     V = torch.zeros((len(ops), steps, n), dtype=dtype, device=device)
-    T = torch.zeros((len(ops), steps, steps), dtype=dtype, device=device)
+    diagonal = torch.zeros((len(ops), steps), dtype=dtype, device=device)  # T's αⱼ
+    above = torch.zeros((len(ops), steps), dtype=dtype, device=device)  # T's βⱼ₋₁, coupling vector j-1 to j
     v = torch.cat([_random(A, 1, seed).T for A, seed in zip(ops, seeds, strict=True)])
     v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
+    beta = torch.zeros((len(ops), 1), dtype=dtype, device=device)
     drop = 1e3 * torch.finfo(dtype).eps
     for j in range(steps):
         V[:, j] = v
         products = grams([x.view(1, *A.input_shape) for x, A in zip(v, ops, strict=True)])
         W = torch.cat([g.reshape(1, n) for g, _ in products])
         size = W.norm(dim=1, keepdim=True)
-        local = V[:, max(j - 1, 0) : j + 1]  # the vector and the one before it, twice ("twice is enough")
-        coeffs = torch.bmm(local, W.unsqueeze(2))
-        W = W - torch.bmm(coeffs.transpose(1, 2), local).squeeze(1)
-        again = torch.bmm(local, W.unsqueeze(2))
-        W = W - torch.bmm(again.transpose(1, 2), local).squeeze(1)
-        coeffs = (coeffs + again).squeeze(2)
-        T[:, j, max(j - 1, 0) : j + 1] = coeffs
-        T[:, max(j - 1, 0) : j + 1, j] = coeffs
+        if j > 0:  # the three-term recurrence, then once more against both vectors ("twice is enough")
+            W = W - beta * V[:, j - 1]
+        alpha = torch.linalg.vecdot(W, v).unsqueeze(1)
+        W = W - alpha * v
+        local = V[:, max(j - 1, 0) : j + 1]
+        again = torch.bmm(local, W.unsqueeze(2)).squeeze(2)
+        W = W - torch.bmm(again.unsqueeze(1), local).squeeze(1)
+        diagonal[:, j] = alpha.squeeze(1) + again[:, -1]
+        if j > 0:
+            above[:, j] = beta.squeeze(1) + again[:, 0]
         beta = W.norm(dim=1, keepdim=True)
-        v = torch.where(beta > drop * size, W / beta.clamp_min(tiny), torch.zeros_like(W))
+        keep = beta > drop * size  # else the remainder is rounding: the space is invariant, the next rows zero
+        v = W * (keep / beta.clamp_min(tiny))
+        beta = beta * keep
+    T = torch.diag_embed(diagonal) + torch.diag_embed(above[:, 1:], 1) + torch.diag_embed(above[:, 1:], -1)
     theta, S = torch.linalg.eigh(T.double().cpu())
     Y = torch.bmm(S[:, :, -1:].transpose(1, 2).to(device, dtype), V).squeeze(1)
     Y = Y / Y.norm(dim=1, keepdim=True).clamp_min(tiny)
