@@ -99,13 +99,14 @@ def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch
 
 def test_layers_of_one_geometry_run_as_one_grouped_convolution_with_the_same_results() -> None:
     torch.manual_seed(0)
-    same = [nn.Conv2d(4, 6, 3, stride=2, padding=1) for _ in range(3)]  # one geometry: grouped on a CPU
+    same = [nn.Conv2d(4, 6, 3, stride=2, padding=1) for _ in range(3)]  # one geometry: grouped
     other = [nn.Conv2d(4, 6, 3, padding=1), nn.Conv1d(4, 6, 3, padding=1), nn.Conv1d(4, 6, 3, padding=1)]
     wide = [nn.Conv2d(128, 64, 1) for _ in range(2)]  # more than 64·64 channel pairs: alone
     layers = [(m, (4, 9, 9)) for m in [*same, other[0]]] + [(m, (4, 11)) for m in other[1:]]
     layers += [(m, (128, 3, 3)) for m in wide]
     operators = [ImplicitLinear(m, shape) for m, shape in layers]
-    step = PowerStep(operators)
+    assert sorted(map(len, PowerStep(operators)._grams.groups)) == [1] * 8  # by default every layer alone
+    step = PowerStep(operators, group=True)
     assert sorted(map(len, step._grams.groups)) == [1, 1, 1, 2, 3]  # the 3 alike, the 2 Conv1d, the rest alone
     starts = [torch.randn(1, *shape) for _, shape in layers]
     values, vectors = step(starts)

@@ -41,11 +41,12 @@ def _group_key(A: ImplicitLinear) -> tuple | None:
 class Grams:
     """``(AᵀA x, A x)`` for one batch-1 vector per operator; several same-geometry convolutions as one grouped one.
 
-    On a CPU a batch-1 convolution of a narrow layer runs far below the machine's speed, and several side by side
-    (their inputs stacked along the channels, their weights along the output channels: one convolution with G
-    times the groups, whose output and input gradient are the layers' ones side by side) run faster. Plain
-    convolutions call their two kernels directly (the forward and ``aten.convolution_backward`` for the input
-    gradient), alone or grouped: the same kernels as :meth:`ImplicitLinear.gram`, without its per-call work.
+    Plain zero-padded convolutions call their two kernels directly (the forward and ``aten.convolution_backward``
+    for the input gradient): the same kernels as :meth:`ImplicitLinear.gram`, without its per-call work. With
+    ``group``, those of one geometry run side by side as one grouped convolution (their inputs stacked along the
+    channels, their weights along the output channels: one convolution with G times the groups, whose output and
+    input gradient are the layers' ones side by side), which can pay where batch-1 convolutions of narrow layers
+    run far below a CPU's speed (``experiments/bench_products.py`` times both).
 
     Args:
         operators: the operators, all on one device.
@@ -121,9 +122,10 @@ class PowerStep:
     moves by one power iteration from where the previous step left it, and ``σ₁`` is read as the Rayleigh
     quotient ``√(vᵀAᵀA v / vᵀv)`` of the incoming vector (a lower bound that tightens as ``v`` converges).
 
-    On a CPU, plain zero-padded convolutions of one geometry and input shape (up to 64·64 channel pairs) run
-    their products as one grouped convolution: a batch-1 convolution of a narrow layer runs far below the
-    machine's speed, and several side by side run faster (``experiments/bench_events.py`` times both).
+    Plain zero-padded convolutions call their two kernels directly. ``group=True`` runs those of one geometry and
+    input shape (up to 64·64 channel pairs) as one grouped convolution instead; on an x86 CPU with oneDNN that
+    was slower right after a training step (3.7 against 3.0 ms for ResNet-18 width 16,
+    ``experiments/bench_products.py``), so it is off by default.
 
     The work per layer is a handful of tiny kernels, so on a GPU the host that launches them is the
     bottleneck, not the device. On a CUDA device the steps of all the operators are therefore captured once
@@ -135,7 +137,7 @@ class PowerStep:
     Args:
         operators: operators with a closed form (:attr:`ImplicitLinear.closed_form`), all on one device.
         graph: capture a CUDA graph; default: when the operators are on a CUDA device.
-        group: run convolutions of one geometry as one grouped convolution; default: on a CPU.
+        group: run convolutions of one geometry as one grouped convolution.
 
     Raises:
         ValueError: no operators, an operator without a closed form, operators on several devices, or
@@ -152,9 +154,7 @@ class PowerStep:
         True
     """
 
-    def __init__(
-        self, operators: Sequence[ImplicitLinear], *, graph: bool | None = None, group: bool | None = None
-    ) -> None:
+    def __init__(self, operators: Sequence[ImplicitLinear], *, graph: bool | None = None, group: bool = False) -> None:
         self.operators = list(operators)
         if not self.operators:
             raise ValueError("PowerStep needs at least one operator")
@@ -168,7 +168,6 @@ class PowerStep:
         self.graph = self.device.type == "cuda" if graph is None else graph
         if self.graph and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs operators on a CUDA device; they are on {self.device}")
-        group = self.device.type == "cpu" if group is None else group
         self._grams = Grams(self.operators, group=group)
         self.vectors = [A.zeros(1) for A in self.operators]  # the graph's inputs and outputs, updated in place
         self.values = [torch.zeros(1, dtype=A.dtype, device=A.device) for A in self.operators]

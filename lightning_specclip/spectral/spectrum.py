@@ -288,7 +288,7 @@ def _gap_free(
     first = ops[0]
     n, dtype, device = first.in_features, first.dtype, first.device
     tiny = torch.finfo(dtype).tiny
-    grams = Grams(ops, group=device.type == "cpu", fixed=True)
+    grams = Grams(ops, group=False, fixed=True)
     V = torch.zeros((len(ops), steps, n), dtype=dtype, device=device)
     diagonal = torch.zeros((len(ops), steps), dtype=dtype, device=device)  # T's αⱼ
     above = torch.zeros((len(ops), steps), dtype=dtype, device=device)  # T's βⱼ₋₁, coupling vector j-1 to j
@@ -526,9 +526,9 @@ def gap_free_spectra(
 
     The same measurement of each map (σ₁ within ``tol`` with probability ``≥ 1 − failure`` whatever its
     spectrum, from the same seeded random start), but the Lanczos steps of all the maps of one input size run
-    together: their products side by side (same-geometry convolutions as one grouped convolution on a CPU), the
-    orthogonalizations as batched products. The work per step is then a few kernels for all of them instead of
-    a few dozen per map: what a training loop's clip event of every layer is made of.
+    together: their products one after the other (direct kernel calls for plain convolutions), the recurrence and
+    orthogonalizations as batched products. The work per step is then a few kernels for all of them besides the
+    products, instead of a few dozen per map: what a training loop's clip event of every layer is made of.
 
     Args:
         operators: the maps (:class:`ImplicitLinear`), any mix of sizes, dtypes and devices.
