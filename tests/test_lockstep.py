@@ -152,3 +152,21 @@ def test_closed_form_weight_products_are_the_autograd_ones(make, shape) -> None:
     torch.testing.assert_close(apply(delta), expected, rtol=1e-5, atol=1e-5)
     r = torch.randn_like(expected)
     torch.testing.assert_close(adjoint(r), vjp(r)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_hooked_conv_is_moved_through_what_it_computes() -> None:
+    """A forward hook can change what a conv computes: its least-squares rounds then go through the module (not the
+    bare kernels), and the clip lands on the target of the hooked map."""
+    from lightning_specclip.spectral.clip import _weight_products
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    conv.register_forward_hook(lambda module, args, out: 3.0 * out)
+    A = ImplicitLinear(conv, (3, 7, 7))
+    assert not A.closed_form
+    right = torch.randn(1, 3, 7, 7)
+    apply, _ = _weight_products(A, "weight", right)
+    delta = torch.randn_like(conv.weight)
+    torch.testing.assert_close(apply(delta), 3.0 * nn.functional.conv2d(right, delta, None, 1, 1), rtol=1e-5, atol=1e-5)
+    result = clip_spectral_norm_(conv, 0.5, (3, 7, 7))
+    assert dense_spectral_norm(conv, (3, 7, 7)) == pytest.approx(0.5, rel=0.01) == result.after

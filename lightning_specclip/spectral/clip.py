@@ -336,12 +336,8 @@ def _weight_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Call
     the convolution and the kernel autograd runs for its weight gradient, called directly; otherwise through
     ``torch.func.vjp``."""
     m = A.op
-    if (
-        param == "weight"
-        and type(m) in _CONV_FUNCTIONS
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-    ):
+    plain = type(m) in _CONV_FUNCTIONS and A.closed_form  # an exact conv class without hooks (see linear_part)
+    if plain and param == "weight" and m.padding_mode == "zeros" and not isinstance(m.padding, str):
         conv, zeros, weight = _CONV_FUNCTIONS[type(m)], (0,) * len(m.kernel_size), A.tensors[param]
         geometry = (m.stride, m.padding, m.dilation)
         mask = (False, True, False)
