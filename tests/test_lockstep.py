@@ -170,3 +170,18 @@ def test_a_hooked_conv_is_moved_through_what_it_computes() -> None:
     torch.testing.assert_close(apply(delta), 3.0 * nn.functional.conv2d(right, delta, None, 1, 1), rtol=1e-5, atol=1e-5)
     result = clip_spectral_norm_(conv, 0.5, (3, 7, 7))
     assert dense_spectral_norm(conv, (3, 7, 7)) == pytest.approx(0.5, rel=0.01) == result.after
+
+
+def test_clipping_many_of_mixed_dtypes_lands_each_on_its_target() -> None:
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3, 3, 3, padding=1) for _ in range(3)]
+    convs[1] = convs[1].double()
+    convs[2] = convs[2].to(torch.bfloat16)
+    for conv in convs:
+        with torch.no_grad():
+            conv.weight.mul_(6)
+    results = clip_spectral_norms_(convs, [0.5, 0.7, 0.9], [(3, 9, 9)] * 3)
+    for conv, target, result in zip(convs, [0.5, 0.7, 0.9], results, strict=True):
+        assert result.changed and conv.weight.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        truth = dense_spectral_norm(conv.double(), (3, 9, 9))
+        assert truth == pytest.approx(target, rel=0.01) and result.after == pytest.approx(truth, rel=0.01)
