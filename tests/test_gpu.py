@@ -124,3 +124,24 @@ def test_resnet18_on_cuda_clipped_after_fit() -> None:
         cpu = copy.deepcopy(target.module).cpu()
         sigma = lanczos_singular_values(cpu, target.input_shape, k=1, tol=1e-6)
         assert sigma.values[0] <= 1.02, target.name
+
+
+def test_lockstep_measurements_and_clips_on_cuda_match_the_cpu_ground_truth() -> None:
+    """``gap_free_spectra`` and ``clip_spectral_norms_`` (what a clip event runs) on CUDA: each map's value within the
+    gap-free tolerance below its float64 CPU truth, each clipped layer on its target (TF32 allowed for)."""
+    from lightning_specclip import clip_spectral_norms_, gap_free_spectra
+
+    torch.manual_seed(0)
+    layers = [(factory().cuda(), shape) for factory, shape in LAYERS.values()]
+    layers += [(nn.Conv2d(8, 8, 3, padding=1).cuda(), (8, 16, 16)) for _ in range(3)]  # one size, several maps
+    for module, _ in layers:
+        with torch.no_grad():
+            next(module.parameters()).mul_(5)
+    truths = [_cpu_sigma(m, shape) for m, shape in layers]
+    found = gap_free_spectra([ImplicitLinear(m, shape) for m, shape in layers], 0.0075, left=False)
+    for got, truth in zip(found, truths, strict=True):
+        assert truth * (1 - 0.0075) * (1 - 2e-3) <= got.sigma <= truth * (1 + 2e-3)
+    results = clip_spectral_norms_([m for m, _ in layers], 1.0, [shape for _, shape in layers])
+    for (module, shape), result in zip(layers, results, strict=True):
+        truth = _cpu_sigma(module, shape)
+        assert truth <= 1.0 * 1.01 * (1 + 2e-3) and result.after == pytest.approx(truth, rel=0.012)
