@@ -226,8 +226,9 @@ class SpectralClipCallback(Callback):
             elif ends and clipper.dirty:
                 clipper.clip()
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        due = clipper.num_steps % every == 0 or not clipper.dirty  # on the logging schedule, or just clipped
-        if clipper.num_steps != self._logged_step and clipper.num_steps % every == 0:
+        scheduled = clipper.num_steps % every == 0
+        due = scheduled or not clipper.dirty  # on the logging schedule, or just clipped
+        if clipper.num_steps != self._logged_step and scheduled:
             self._logged_step = clipper.num_steps
             self._log(trainer)
         values = clipper.spectra.values()

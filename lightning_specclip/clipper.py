@@ -872,25 +872,23 @@ class SpectralClipper:
 
     def _clip_batch(self, batch: Sequence[tuple[TrackedMap, float]], rescale: bool) -> list[ClipResult | None]:
         """Clip maps that share no parameter; BatchNorm maps by the method's clamp."""
-        results: list[ClipResult | None] = [None] * len(batch)
+        results = [self.method.clip_batchnorm_(m, value) if m.kind == "batchnorm" else None for m, value in batch]
         layers = [i for i, (m, _) in enumerate(batch) if m.kind != "batchnorm"]
-        for i, (m, value) in enumerate(batch):
-            if m.kind == "batchnorm":
-                results[i] = self.method.clip_batchnorm_(m, value)
+        maps, values = [batch[i][0] for i in layers], [batch[i][1] for i in layers]
         if rescale:  # the last resort of an exact method: scale the weights onto the targets
             found = clip_spectral_norms_(
-                [batch[i][0].module for i in layers],
-                [batch[i][1] for i in layers],
-                [batch[i][0].input_shape for i in layers],
-                spectra=[self._states[batch[i][0].name].right for i in layers],
+                [m.module for m in maps],
+                values,
+                [m.input_shape for m in maps],
+                spectra=[self._states[m.name].right for m in maps],
                 max_rounds=0,
                 tol=self.method.tol,
             )
         else:
+            states = [self._states[m.name] for m in maps]
             found = self.method.clip_all_(
-                [(m, value, self._states[m.name].method_state, self._states[m.name].right) for m, value in
-                 (batch[i] for i in layers)]
-            )  # fmt: skip
+                [(m, value, s.method_state, s.right) for m, value, s in zip(maps, values, states, strict=True)]
+            )
         for i, result in zip(layers, found, strict=True):
             results[i] = result
         return results

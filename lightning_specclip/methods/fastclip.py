@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from lightning_specclip.methods.base import ClipMethod
-from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_, clip_spectral_norms_
+from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norms_
 from lightning_specclip.targets import TrackedMap
 
 __all__ = ["FastClip"]
@@ -62,15 +62,7 @@ class FastClip(ClipMethod):
         Returns:
             ClipResult: what was done.
         """
-        return clip_spectral_norm_(
-            tracked.module,
-            value,
-            tracked.input_shape,
-            spectrum=init,
-            max_rounds=self.max_rounds,
-            block_size=self.block_size,
-            tol=self.tol,
-        )
+        return self.clip_all_([(tracked, value, state, init)])[0]
 
     def clip_all_(
         self, items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]]

@@ -38,7 +38,6 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -47,6 +46,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
 from lightning_specclip.spectral.operator import ImplicitLinear, NotLinearInWeightError, eval_mode, linear_part
+from lightning_specclip.spectral.power import _CONVS, _plain_conv
 from lightning_specclip.spectral.spectrum import Spectrum, gap_free_spectra, spectrum
 
 __all__ = [
@@ -61,8 +61,6 @@ __all__ = [
 
 
 MODES = ("clip", "set")
-
-_CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 Clippable = nn.Module | tuple[nn.Module, nn.Module]
 
@@ -336,9 +334,8 @@ def _weight_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Call
     the convolution and the kernel autograd runs for its weight gradient, called directly; otherwise through
     ``torch.func.vjp``."""
     m = A.op
-    plain = type(m) in _CONV_FUNCTIONS and A.closed_form  # an exact conv class without hooks (see linear_part)
-    if plain and param == "weight" and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-        conv, zeros, weight = _CONV_FUNCTIONS[type(m)], (0,) * len(m.kernel_size), A.tensors[param]
+    if param == "weight" and _plain_conv(A):
+        conv, zeros, weight = _CONVS[type(m)], (0,) * len(m.kernel_size), A.tensors[param]
         geometry = (m.stride, m.padding, m.dilation)
         mask = (False, True, False)
 

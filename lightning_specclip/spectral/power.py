@@ -19,7 +19,9 @@ _GROUPED_MAX_CHANNELS = 64 * 64
 
 
 def _plain_conv(A: ImplicitLinear) -> bool:
-    """Whether ``A`` is a zero-padded convolution whose products :class:`Grams` runs as direct kernel calls."""
+    """Whether ``A`` is an exact convolution class without hooks (:attr:`ImplicitLinear.closed_form`), zero-padded
+    with numeric padding: its products (:class:`Grams`) and weight products (FastClip's least-squares rounds) are
+    then the bare kernels, called directly."""
     m = A.op
     return type(m) in _CONVS and A.closed_form and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 

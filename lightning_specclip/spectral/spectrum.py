@@ -274,7 +274,7 @@ def _gap_free(
     """``steps`` Lanczos steps on ``AᵀA`` from one seeded Gaussian vector, then the top Ritz vector ``y`` and, as
     the value, its Rayleigh quotient ``‖A y‖/‖y‖`` computed anew: the gain of an explicit vector, so a lower bound
     on σ₁ whatever rounding did to the recurrence. For several operators of one input size, dtype and device in
-    lock-step (their products side by side, the rest batched: a few kernels per step for all of them).
+    lock-step (their products one after the other, the rest batched: a few kernels per step for all of them).
 
     The recurrence is the three-term one, each new vector orthogonalized twice against the two before it; the
     basis is not reorthogonalized against the older vectors (that costs two passes over the whole basis per step,
@@ -477,11 +477,8 @@ def spectrum(
         steps = gap_free_steps(A.in_features, tol, failure)
         if max_iters is not None and max_iters < steps:
             raise ValueError(f"the gap_free solver needs {steps} steps for tol={tol:g}; max_iters={max_iters}")
-        if A.in_features <= GAP_FREE_DENSE_MAX:
-            values, vecs, res, matvecs, iters, converged = _dense_top(A)
-        else:
-            ((values, vecs, res, matvecs, iters, converged),) = _gap_free([A], steps, [seed])
-    elif solver == "power_qr":
+        return gap_free_spectra([A], tol, failure=failure, seeds=[seed], left=left)[0]
+    if solver == "power_qr":
         values, vecs, res, matvecs, iters, converged = _power_qr(A, k, init, tol, max_iters or 10000, seed)
     elif solver == "subspace":
         values, vecs, res, matvecs, iters, converged = _subspace(A, k, init, tol, max_iters or 10000, seed)
