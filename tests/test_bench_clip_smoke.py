@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_clip.py"
+from scripts import load_script
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_clip", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_clip"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_clip.py")
 
 
 def test_quick_clip_benchmark_runs_and_writes_markdown(tmp_path: Path, capsys) -> None:

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-from lightning_specclip.spectral import operator, power
+from scripts import load_script
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_events.py"
+from lightning_specclip.spectral import operator, power
 
 
 def test_tiny_events_benchmark(tmp_path: Path) -> None:
     apply, grouped = operator.ImplicitLinear.apply, power.Grams.__call__
-    spec = importlib.util.spec_from_file_location("bench_events", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_events"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_events.py")
     out = tmp_path / "events.md"
     args = ["--width", "2", "--batch-size", "4", "--drift", "2", "--repeats", "1", "--methods", "fastclip"]
     text = bench.main([*args, "--out", str(out)])

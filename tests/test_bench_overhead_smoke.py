@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_overhead.py"
+from scripts import load_script
 
 
 def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_overhead"] = bench
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("bench_overhead.py")
 
 
 def test_tiny_overhead_benchmark_reports_every_method(tmp_path: Path) -> None:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_products.py"
+from scripts import load_script
 
 
 def test_tiny_products_benchmark(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_products", BENCH)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_products"] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_products.py")
     out = tmp_path / "products.md"
     text = bench.main(["--width", "2", "--batch-size", "4", "--repeats", "2", "--out", str(out)])
     assert out.read_text().strip() == text.strip()

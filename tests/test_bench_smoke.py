@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench_spectrum.py"
+from scripts import load_script
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_spectrum", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_spectrum"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_spectrum.py")
 
 
 def test_quick_benchmark_runs_and_writes_markdown(tmp_path: Path, capsys) -> None:

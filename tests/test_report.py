@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import statistics
@@ -23,8 +22,8 @@ from fixtures_report import (  # noqa: E402
     write_fake_runs,
     write_fake_study,
 )
+from scripts import load_script  # noqa: E402
 
-REPORT = Path(__file__).resolve().parents[1] / "experiments" / "report.py"
 FIGURES = ("violin_sigma.png", "bn_sigma_over_training.png", "accuracy_vs_target.png")
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "report_without_certify.md"
 RED = '<span style="color:red">'
@@ -32,12 +31,7 @@ PAIRED_HEADING = "## FastClip − baseline, paired over seeds"
 
 
 def _load_report() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("specclip_report", REPORT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["specclip_report"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("report.py", "specclip_report")
 
 
 @pytest.fixture(scope="module")
