@@ -357,6 +357,47 @@ def _weight_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Call
     return apply, lambda r: vjp(r)[0]
 
 
+def _least_squares(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
+    """The weight change ``Δ`` of least norm among those with ``‖A_Δ V − rhs‖`` least (the map is linear in the
+    weight): solved directly for the weight of a plain zero-padded 1-D or 2-D convolution, by CGLS otherwise."""
+    m = A.op
+    if param == "weight" and _plain_conv(A) and isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return _conv_least_squares(m, right, rhs)
+    return _cgls(A, param, right, rhs, iters, atol)
+
+
+def _conv_least_squares(m: nn.Conv1d | nn.Conv2d, right: Tensor, rhs: Tensor) -> Tensor:
+    """``_least_squares`` for a plain convolution's weight, from its normal equations in float64.
+
+    Each output channel's kernel meets the patches of the vectors ``V`` (``unfold``) in one linear system of
+    (vectors × output positions) equations in (input channels of its group × kernel taps) unknowns, the same matrix
+    ``U`` for all the channels of a group: ``Δ = (UᵀU)⁻¹Uᵀ R`` where there are more equations, ``Uᵀ(UUᵀ)⁻¹R`` where
+    fewer (the least-norm one). A ridge of 1e-12 of the Gram matrix's mean diagonal keeps its Cholesky factor
+    defined when ``U`` has dependent rows or columns, and moves the solution by a relative ~1e-12 elsewhere.
+    """
+    k, groups = right.shape[0], m.groups
+    if isinstance(m, nn.Conv1d):  # a 2-D one on a height of 1
+        geometry = [(1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride)]
+        right = right.unsqueeze(2)
+    else:
+        geometry = [m.kernel_size, m.dilation, m.padding, m.stride]
+    cols = torch.nn.functional.unfold(right.double(), *geometry)
+    taps, positions = cols.shape[1] // groups, cols.shape[2]
+    out = m.out_channels // groups
+    U = cols.view(k, groups, taps, positions).permute(1, 0, 3, 2).reshape(groups, k * positions, taps)
+    R = rhs.double().reshape(k, groups, out, positions).permute(1, 0, 3, 2).reshape(groups, k * positions, out)
+    tall = k * positions >= taps
+    gram = U.transpose(1, 2) @ U if tall else U @ U.transpose(1, 2)
+    ridge = 1e-12 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(torch.float64).tiny)
+    gram.diagonal(dim1=1, dim2=2).add_(ridge.unsqueeze(1))
+    factor = torch.linalg.cholesky(gram)
+    if tall:
+        solution = torch.cholesky_solve(U.transpose(1, 2) @ R, factor)
+    else:
+        solution = U.transpose(1, 2) @ torch.cholesky_solve(R, factor)
+    return solution.transpose(1, 2).reshape(m.weight.shape).to(right.dtype)
+
+
 def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
     """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS.
 
@@ -386,6 +427,18 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
         direction = grad + (gamma_new / gamma) * direction
         gamma = gamma_new
     return delta
+
+
+def _gain(A: ImplicitLinear, vector: Tensor) -> Spectrum:
+    """The Rayleigh–Ritz step of one vector ``v``: the value ``‖A v‖`` (``v`` normalized), and ``A v`` normalized as
+    its left vector, from one product."""
+    tiny = torch.finfo(A.dtype).tiny
+    right = vector.detach().to(A.device, A.dtype).reshape(1, *A.input_shape)
+    right = right / torch.linalg.vector_norm(right).clamp_min(tiny)
+    image = A.matvec(right)
+    value = torch.linalg.vector_norm(image).reshape(1)
+    residuals = torch.full((1,), math.nan, dtype=torch.float64)
+    return Spectrum(value, right, image / value.clamp_min(tiny), 1, 1, False, residuals, "subspace")
 
 
 @dataclass(frozen=True)
@@ -477,8 +530,10 @@ def _clip_iterative(
 
     # A warm start (the tracked vectors of a training loop) is used as it is: one Rayleigh–Ritz step gives the
     # values and images the first round moves, as the paper's FastClip moves its tracked vector.
-    warm = init is not None
-    current = measure(init, seed, block, iters=1) if warm else measure(None, seed, block)
+    if init is None:
+        current = measure(None, seed, block)
+    else:
+        current = _gain(A, init) if block == 1 else measure(init, seed, block, iters=1)
     if mode == "clip" and current.sigma <= target * (1 + tol / 4):  # perhaps nothing to do: make sure
         confirmed = yield _Certify(A, certain, seed, left=True)  # (its images, for a round if it is above)
         if confirmed.sigma <= target * (1 + tol / 4):
@@ -497,7 +552,7 @@ def _clip_iterative(
         shape = (-1, *[1] * len(A.output_shape))
         rhs = (new_values - current.values).view(shape) * current.left
         moving = new_values != current.values
-        delta = _cgls(A, param, current.right[moving], rhs[moving], cg_iters, atol=tol / 8 * target)
+        delta = _least_squares(A, param, current.right[moving], rhs[moving], cg_iters, atol=tol / 8 * target)
         if not torch.isfinite(delta).all():
             raise RuntimeError("the least-squares step produced non-finite values; the module was left unchanged")
         work.add_(delta)

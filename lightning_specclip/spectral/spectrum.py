@@ -288,40 +288,40 @@ def _gap_free(
     first = ops[0]
     n, dtype, device = first.in_features, first.dtype, first.device
     tiny = torch.finfo(dtype).tiny
-    grams = Grams(ops, group=False, fixed=True)
-    V = torch.zeros((len(ops), steps, n), dtype=dtype, device=device)
-    diagonal = torch.zeros((len(ops), steps), dtype=dtype, device=device)  # T's αⱼ
-    above = torch.zeros((len(ops), steps), dtype=dtype, device=device)  # T's βⱼ₋₁, coupling vector j-1 to j
-    v = torch.cat([_random(A, 1, seed).T for A, seed in zip(ops, seeds, strict=True)])
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(tiny)
-    beta = torch.zeros((len(ops), 1), dtype=dtype, device=device)
     drop = 1e3 * torch.finfo(dtype).eps
+    grams = Grams(ops, group=False, fixed=True)
+    V = torch.empty((len(ops), steps, n), dtype=dtype, device=device)  # row j of each map written at step j
+    rows = [[V[i, j].view(1, *A.input_shape) for i, A in enumerate(ops)] for j in range(steps)]
+    coeffs = torch.zeros((len(ops), steps, 2), dtype=dtype, device=device)  # (T's βⱼ₋₁, αⱼ) per step
+    V[:, 0] = torch.cat([_random(A, 1, seed).T for A, seed in zip(ops, seeds, strict=True)])
+    V[:, 0] /= V[:, 0].norm(dim=1, keepdim=True).clamp_min(tiny)
     for j in range(steps):
-        V[:, j] = v
-        products = grams([x.view(1, *A.input_shape) for x, A in zip(v, ops, strict=True)])
-        W = torch.cat([g.reshape(1, n) for g, _ in products])
-        size = W.norm(dim=1, keepdim=True)
-        if j > 0:  # the three-term recurrence, then once more against both vectors ("twice is enough")
-            W = W - beta * V[:, j - 1]
-        alpha = torch.linalg.vecdot(W, v).unsqueeze(1)
-        W = W - alpha * v
-        local = V[:, max(j - 1, 0) : j + 1]
-        again = torch.bmm(local, W.unsqueeze(2)).squeeze(2)
-        W = W - torch.bmm(again.unsqueeze(1), local).squeeze(1)
-        diagonal[:, j] = alpha.squeeze(1) + again[:, -1]
-        if j > 0:
-            above[:, j] = beta.squeeze(1) + again[:, 0]
-        beta = W.norm(dim=1, keepdim=True)
-        keep = beta > drop * size  # else the remainder is rounding: the space is invariant, the next rows zero
-        v = W * (keep / beta.clamp_min(tiny))
-        beta = beta * keep
-    T = torch.diag_embed(diagonal) + torch.diag_embed(above[:, 1:], 1) + torch.diag_embed(above[:, 1:], -1)
+        W = torch.cat([g.view(1, n) for g, _ in grams(rows[j])]).unsqueeze(1)  # (maps, 1, n)
+        local = V[:, max(j - 1, 0) : j + 1]  # the vectors before this one and this one
+        # The three-term recurrence as a projection on both (coefficients computed, not carried), then once more
+        # ("twice is enough"); T's entries are the sums of both passes' coefficients.
+        first_pass = torch.bmm(W, local.transpose(1, 2))
+        W = torch.baddbmm(W, first_pass, local, alpha=-1)
+        again = torch.bmm(W, local.transpose(1, 2))
+        W = torch.baddbmm(W, again, local, alpha=-1)
+        found = (first_pass + again).squeeze(1)
+        coeffs[:, j, 2 - found.shape[1] :] = found
+        if j + 1 == steps:
+            break
+        beta = torch.linalg.vector_norm(W, dim=2)
+        # ‖AᵀA vⱼ‖² is the sum of the squares of its components along vⱼ₋₁, vⱼ and the remainder: when the remainder
+        # is rounding (the space is invariant) the next rows are zero instead of normalized noise.
+        size = (first_pass.squeeze(1).square().sum(1, keepdim=True) + beta.square()).sqrt()
+        scale = (beta > drop * size) / beta.clamp_min(tiny)
+        torch.mul(W.squeeze(1), scale, out=V[:, j + 1])
+    diagonal, above = coeffs[:, :, 1], coeffs[:, 1:, 0]
+    T = torch.diag_embed(diagonal) + torch.diag_embed(above, 1) + torch.diag_embed(above, -1)
     theta, S = torch.linalg.eigh(T.double().cpu())
     Y = torch.bmm(S[:, :, -1:].transpose(1, 2).to(device, dtype), V).squeeze(1)
     Y = Y / Y.norm(dim=1, keepdim=True).clamp_min(tiny)
     products = grams([y.view(1, *A.input_shape) for y, A in zip(Y, ops, strict=True)])
     gains = torch.cat([image.reshape(1, -1).norm(dim=1) for _, image in products]).double().cpu()
-    last = W.norm(dim=1).double().cpu()
+    last = torch.linalg.vector_norm(W, dim=(1, 2)).double().cpu()
     results = []
     for i in range(len(ops)):
         top = max(float(theta[i, -1]), 1e-300)
