@@ -154,6 +154,56 @@ def test_closed_form_weight_products_are_the_autograd_ones(make, shape) -> None:
     torch.testing.assert_close(adjoint(r), vjp(r)[0], rtol=1e-4, atol=1e-4)
 
 
+def _dense_least_norm(A: ImplicitLinear, right: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Ground truth: the least-norm least-squares weight change, from the dense matrix of ``Δ ↦ A_Δ V`` (float64)."""
+    weight = A.tensors["weight"]
+    basis = torch.eye(weight.numel(), dtype=torch.float64).reshape(-1, *weight.shape)
+    matrix = torch.stack([A.apply(right, {**A.tensors, "weight": e}).reshape(-1) for e in basis], dim=1)
+    return (torch.linalg.pinv(matrix) @ rhs.reshape(-1)).reshape(weight.shape)
+
+
+@pytest.mark.parametrize(
+    "make, shape, k",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 8, 8), 1),  # more equations than unknowns
+        (lambda: nn.Conv2d(8, 3, 3, padding=1), (8, 3, 3), 1),  # fewer: the least-norm solution
+        (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 9, 9), 2),
+        (lambda: nn.Conv2d(4, 4, (3, 5), padding=(2, 1), dilation=(2, 1), groups=4), (4, 7, 7), 3),  # depthwise
+        (lambda: nn.Conv2d(4, 5, 1, stride=2), (4, 6, 6), 1),
+        (lambda: nn.Conv1d(3, 5, 5, padding=4, dilation=2, stride=2), (3, 11), 2),
+    ],
+    ids=["tall", "wide", "strided_grouped", "depthwise_dilated", "pointwise_strided", "conv1d"],
+)
+def test_direct_least_squares_is_the_least_norm_solution(make, shape, k) -> None:
+    """FastClip's least-squares step on a plain conv's weight, solved from its normal equations, is the least-norm
+    least-squares solution of the dense problem (float64 pseudo-inverse)."""
+    from lightning_specclip.spectral.clip import _least_squares
+
+    torch.manual_seed(0)
+    conv = make().double()
+    A = ImplicitLinear(conv, shape, dtype=torch.float64)
+    right = torch.randn(k, *shape, dtype=torch.float64)
+    if k > 1:
+        right[1, 0] = 0  # a channel the vector does not use: dependent columns, left alone by the least norm
+    rhs = torch.randn(k, *A.output_shape, dtype=torch.float64)
+    got = _least_squares(A, "weight", right, rhs, iters=0, atol=0.0)  # no CGLS iteration: the direct solve
+    torch.testing.assert_close(got, _dense_least_norm(A, right, rhs), rtol=1e-6, atol=1e-8)
+
+
+def test_rayleigh_ritz_of_one_warm_vector_is_its_gain() -> None:
+    """The warm start of a clip: one product gives the value ``‖Av‖`` and the left vector ``Av/‖Av‖`` that a
+    Rayleigh–Ritz step of the Krylov solver gives."""
+    from lightning_specclip.spectral.clip import _gain
+
+    torch.manual_seed(0)
+    A = ImplicitLinear(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6))
+    v = 3.0 * torch.randn(1, 3, 6, 6)
+    got, want = _gain(A, v), spectrum(A, k=1, init=v, max_iters=1, tol=1e-12)
+    torch.testing.assert_close(got.values, want.values.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.left.abs(), want.left.abs(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.right, v / v.norm())
+
+
 def test_a_hooked_conv_is_moved_through_what_it_computes() -> None:
     """A forward hook can change what a conv computes: its least-squares rounds then go through the module (not the
     bare kernels), and the clip lands on the target of the hooked map."""
