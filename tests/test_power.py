@@ -119,3 +119,32 @@ def test_layers_of_one_geometry_run_as_one_grouped_convolution_with_the_same_res
     again, _ = step([v / v.norm() for v in starts])
     _, y = operators[1].gram(starts[1] / starts[1].norm())
     torch.testing.assert_close(again[1], y.norm().view(1), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_fixed_products_are_the_autograd_ones_for_every_geometry(group: bool) -> None:
+    """A measurement's products (``Grams(fixed=True)``) run a stride-1 convolution's adjoint as a forward
+    convolution of the flipped, channel-swapped kernel: ``AᵀA x`` and ``A x`` are autograd's for dilated, grouped,
+    depthwise, rectangular, 1-D and 3-D kernels, padding larger than the kernel (kept on the input-gradient
+    kernel) and strided ones, alone and grouped."""
+    from lightning_specclip.spectral.power import Grams
+
+    torch.manual_seed(0)
+    layers = [
+        (nn.Conv2d(4, 6, 3, padding=2, dilation=2), (4, 9, 9)),
+        (nn.Conv2d(4, 6, 3, padding=2, dilation=2), (4, 9, 9)),  # the same geometry: grouped with the one above
+        (nn.Conv2d(4, 6, (3, 5), padding=(0, 1), groups=2), (4, 8, 9)),
+        (nn.Conv2d(4, 4, 3, padding=1, groups=4), (4, 7, 7)),
+        (nn.Conv2d(3, 3, 3, padding=3), (3, 6, 6)),  # padding > dilation·(k − 1): no flipped form
+        (nn.Conv2d(3, 5, 3, stride=2, padding=1), (3, 9, 9)),
+        (nn.Conv1d(3, 4, 5, padding=4, dilation=2), (3, 11)),
+        (nn.Conv3d(2, 3, 3, padding=(1, 0, 1)), (2, 5, 5, 5)),
+    ]
+    ops = [ImplicitLinear(conv, shape) for conv, shape in layers]
+    grams = Grams(ops, group=group, fixed=True)
+    assert len(grams._adjoints) == (5 if group else 6)  # all but the padded and the strided one (the pair: one)
+    xs = [torch.randn(1, *A.input_shape) for A in ops]
+    for A, x, (g, y) in zip(ops, xs, grams(xs), strict=True):
+        want_g, want_y = A.gram(x)
+        torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, want_g, rtol=1e-4, atol=1e-4)

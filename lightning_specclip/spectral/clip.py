@@ -6,9 +6,11 @@ update diverges:
 
 * every round takes a *block* of the top right singular vectors ``V`` (all those above the target among
   them) and solves the least-squares problem ``min_Δ ‖A_{W+Δ} V − T‖`` for the weight change ``Δ``, where
-  ``T`` maps each ``vᵢ`` to ``min(σᵢ, c)·uᵢ``. The problem is linear in ``Δ`` and is solved by conjugate
-  gradients on the normal equations (CGLS, started from ``Δ = 0``, so it returns a small change); its
-  residual never grows, so a round cannot diverge.
+  ``T`` maps each ``vᵢ`` to ``min(σᵢ, c)·uᵢ``. The problem is linear in ``Δ``; its least-norm solution (the
+  smallest change) is solved for directly for a plain ``Conv1d``/``Conv2d`` weight (each output channel's kernel
+  against the patches of ``V``: small normal equations in float64), and otherwise by conjugate gradients on the
+  normal equations (CGLS, started from ``Δ = 0``), stopped once its gradient is at rounding level; either way
+  the residual never grows, so a round cannot diverge.
 * rounds repeat (with warm-started spectra) until ``σ₁`` is within ``tol`` of the target. Whatever is left
   after ``max_rounds`` is removed by scaling the weight by ``c/σ₁`` (the map is linear in the weight), so
   the result always lands on the target; ``ClipResult.rescaled`` says when this fallback ran.
@@ -401,15 +403,21 @@ def _conv_least_squares(m: nn.Conv1d | nn.Conv2d, right: Tensor, rhs: Tensor) ->
 def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
     """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS.
 
-    Stops after ``iters`` iterations, or as soon as ``‖A_Δ V − rhs‖ ≤ atol`` (the images of ``V`` are then within
-    ``atol`` of where they should go: more accuracy would be rounding on top of the final check's tolerance).
+    Stops after ``iters`` iterations, as soon as ``‖A_Δ V − rhs‖ ≤ atol`` (the images of ``V`` are then within
+    ``atol`` of where they should go: more accuracy would be rounding on top of the final check's tolerance), or
+    once the gradient ``‖Aᵀr‖`` is down to rounding, 100 machine epsilons of ``‖A‖·‖r‖`` (``‖A‖`` estimated from
+    below by the largest ``‖A d‖/‖d‖`` of the search directions): the least-squares solution is then reached, and
+    more iterations would only amplify the rounding (the recurrence drifts off it, by orders of magnitude in float32
+    within a hundred iterations).
     """
     apply, adjoint = _weight_products(A, param, right)
     delta = torch.zeros_like(A.tensors[param])
+    limit = (100 * torch.finfo(delta.dtype).eps) ** 2
     residual = rhs.clone()
     grad = adjoint(residual)
     direction = grad.clone()
     gamma = grad.pow(2).sum()
+    scale = gamma.new_zeros(())  # the largest ‖A d‖²/‖d‖² so far
     for _ in range(iters):
         if gamma <= 0:
             break
@@ -420,10 +428,14 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
         step = gamma / denom
         delta = delta + step * direction
         residual = residual - step * image
-        if residual.pow(2).sum() <= atol**2:
+        squared = residual.pow(2).sum()
+        if squared <= atol**2:
             break
+        scale = torch.maximum(scale, denom / direction.pow(2).sum())
         grad = adjoint(residual)
         gamma_new = grad.pow(2).sum()
+        if gamma_new <= limit * scale * squared:
+            break
         direction = grad + (gamma_new / gamma) * direction
         gamma = gamma_new
     return delta
@@ -638,7 +650,7 @@ def clip_spectral_norm_(
         tol: relative tolerance on the final norm.
         max_rounds: least-squares rounds before the exact-scaling fallback.
         block_size: singular vectors handled per round.
-        cg_iters: conjugate-gradient iterations per round.
+        cg_iters: conjugate-gradient iterations per round (where the round is not solved directly).
         param: name of the weight to move, for modules other than the supported ones.
         seed: seed of the random starting vectors (results are deterministic for a seed).
 
@@ -698,7 +710,7 @@ def clip_spectral_norms_(
         tol: relative tolerance on each final norm.
         max_rounds: least-squares rounds per layer before the exact-scaling fallback.
         block_size: singular vectors handled per round.
-        cg_iters: conjugate-gradient iterations per round.
+        cg_iters: conjugate-gradient iterations per round (where the round is not solved directly).
         seed: seed of the random starting vectors (each layer's are those :func:`clip_spectral_norm_` uses).
 
     Returns:
