@@ -309,10 +309,9 @@ def _gap_free(
         if j + 1 == steps:
             break
         beta = torch.linalg.vector_norm(W, dim=2)
-        # ‖AᵀA vⱼ‖² is the sum of the squares of its components along vⱼ₋₁, vⱼ and the remainder: when the remainder
-        # is rounding (the space is invariant) the next rows are zero instead of normalized noise.
-        size = (first_pass.squeeze(1).square().sum(1, keepdim=True) + beta.square()).sqrt()
-        scale = (beta > drop * size) / beta.clamp_min(tiny)
+        # AᵀA vⱼ is its components along vⱼ₋₁ and vⱼ plus the remainder: when the remainder is rounding next to them
+        # (the space is invariant) the next rows are zero instead of normalized noise.
+        scale = (beta > drop * torch.linalg.vector_norm(first_pass, dim=2)) / beta.clamp_min(tiny)
         torch.mul(W.squeeze(1), scale, out=V[:, j + 1])
     diagonal, above = coeffs[:, :, 1], coeffs[:, 1:, 0]
     T = torch.diag_embed(diagonal) + torch.diag_embed(above, 1) + torch.diag_embed(above, -1)
