@@ -372,7 +372,7 @@ def _big_conv():
 def test_nan_from_least_squares_rolls_back(monkeypatch, make) -> None:
     module = make()
     snap = _snapshot(module)
-    real = clip_module._least_squares
+    real = clip_module._cgls
     calls = []
 
     def nan_on_second_round(*args, **kwargs):
@@ -380,7 +380,7 @@ def test_nan_from_least_squares_rolls_back(monkeypatch, make) -> None:
         delta = real(*args, **kwargs)
         return delta if len(calls) < 2 else torch.full_like(delta, math.nan)
 
-    monkeypatch.setattr(clip_module, "_least_squares", nan_on_second_round)
+    monkeypatch.setattr(clip_module, "_cgls", nan_on_second_round)
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_spectral_norm_(module, TARGET, (4, 8, 8))
     assert len(calls) == 2  # it failed mid-way, after one good round
@@ -394,7 +394,7 @@ def test_exception_from_least_squares_rolls_back(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(clip_module, "_least_squares", boom)
+    monkeypatch.setattr(clip_module, "_cgls", boom)
     with pytest.raises(RuntimeError, match="boom"):
         clip_spectral_norm_(module, TARGET, (4, 8, 8))
     assert _unchanged(module, snap)
@@ -403,8 +403,8 @@ def test_exception_from_least_squares_rolls_back(monkeypatch) -> None:
 def test_overflowing_least_squares_rolls_back(monkeypatch) -> None:
     module = _big_conv()
     snap = _snapshot(module)
-    real = clip_module._least_squares
-    monkeypatch.setattr(clip_module, "_least_squares", lambda *a, **k: torch.full_like(real(*a, **k), 1e38))
+    real = clip_module._cgls
+    monkeypatch.setattr(clip_module, "_cgls", lambda *a, **k: torch.full_like(real(*a, **k), 1e38))
     with pytest.raises(RuntimeError):  # non-finite weights, or the eigensolver failing on them
         clip_spectral_norm_(module, TARGET, (4, 8, 8))
     assert _unchanged(module, snap)

@@ -6,11 +6,9 @@ update diverges:
 
 * every round takes a *block* of the top right singular vectors ``V`` (all those above the target among
   them) and solves the least-squares problem ``min_Δ ‖A_{W+Δ} V − T‖`` for the weight change ``Δ``, where
-  ``T`` maps each ``vᵢ`` to ``min(σᵢ, c)·uᵢ``. The problem is linear in ``Δ``; its least-norm solution (the
-  smallest change) is solved for directly for a plain ``Conv1d``/``Conv2d`` weight (each output channel's kernel
-  against the patches of ``V``: small normal equations in float64), and otherwise by conjugate gradients on the
-  normal equations (CGLS, started from ``Δ = 0``), stopped once its gradient is at rounding level; either way
-  the residual never grows, so a round cannot diverge.
+  ``T`` maps each ``vᵢ`` to ``min(σᵢ, c)·uᵢ``. The problem is linear in ``Δ`` and is solved by conjugate
+  gradients on the normal equations (CGLS, started from ``Δ = 0`` and stopped early, so it returns a small
+  change); its residual never grows, so a round cannot diverge.
 * rounds repeat (with warm-started spectra) until ``σ₁`` is within ``tol`` of the target. Whatever is left
   after ``max_rounds`` is removed by scaling the weight by ``c/σ₁`` (the map is linear in the weight), so
   the result always lands on the target; ``ClipResult.rescaled`` says when this fallback ran.
@@ -359,56 +357,17 @@ def _weight_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Call
     return apply, lambda r: vjp(r)[0]
 
 
-def _least_squares(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
-    """The weight change ``Δ`` of least norm among those with ``‖A_Δ V − rhs‖`` least (the map is linear in the
-    weight): solved directly for the weight of a plain zero-padded 1-D or 2-D convolution, by CGLS otherwise."""
-    m = A.op
-    if param == "weight" and _plain_conv(A) and isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        return _conv_least_squares(m, right, rhs)
-    return _cgls(A, param, right, rhs, iters, atol)
-
-
-def _conv_least_squares(m: nn.Conv1d | nn.Conv2d, right: Tensor, rhs: Tensor) -> Tensor:
-    """``_least_squares`` for a plain convolution's weight, from its normal equations in float64.
-
-    Each output channel's kernel meets the patches of the vectors ``V`` (``unfold``) in one linear system of
-    (vectors × output positions) equations in (input channels of its group × kernel taps) unknowns, the same matrix
-    ``U`` for all the channels of a group: ``Δ = (UᵀU)⁻¹Uᵀ R`` where there are more equations, ``Uᵀ(UUᵀ)⁻¹R`` where
-    fewer (the least-norm one). A ridge of 1e-12 of the Gram matrix's mean diagonal keeps its Cholesky factor
-    defined when ``U`` has dependent rows or columns, and moves the solution by a relative ~1e-12 elsewhere.
-    """
-    k, groups = right.shape[0], m.groups
-    if isinstance(m, nn.Conv1d):  # a 2-D one on a height of 1
-        geometry = [(1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride)]
-        right = right.unsqueeze(2)
-    else:
-        geometry = [m.kernel_size, m.dilation, m.padding, m.stride]
-    cols = torch.nn.functional.unfold(right.double(), *geometry)
-    taps, positions = cols.shape[1] // groups, cols.shape[2]
-    out = m.out_channels // groups
-    U = cols.view(k, groups, taps, positions).permute(1, 0, 3, 2).reshape(groups, k * positions, taps)
-    R = rhs.double().reshape(k, groups, out, positions).permute(1, 0, 3, 2).reshape(groups, k * positions, out)
-    tall = k * positions >= taps
-    gram = U.transpose(1, 2) @ U if tall else U @ U.transpose(1, 2)
-    ridge = 1e-12 * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(torch.finfo(torch.float64).tiny)
-    gram.diagonal(dim1=1, dim2=2).add_(ridge.unsqueeze(1))
-    factor = torch.linalg.cholesky(gram)
-    if tall:
-        solution = torch.cholesky_solve(U.transpose(1, 2) @ R, factor)
-    else:
-        solution = U.transpose(1, 2) @ torch.cholesky_solve(R, factor)
-    return solution.transpose(1, 2).reshape(m.weight.shape).to(right.dtype)
-
-
 def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
-    """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS.
+    """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS from
+    ``Δ = 0``.
 
     Stops after ``iters`` iterations, as soon as ``‖A_Δ V − rhs‖ ≤ atol`` (the images of ``V`` are then within
-    ``atol`` of where they should go: more accuracy would be rounding on top of the final check's tolerance), or
-    once the gradient ``‖Aᵀr‖`` is down to rounding, 100 machine epsilons of ``‖A‖·‖r‖`` (``‖A‖`` estimated from
-    below by the largest ``‖A d‖/‖d‖`` of the search directions): the least-squares solution is then reached, and
-    more iterations would only amplify the rounding (the recurrence drifts off it, by orders of magnitude in float32
-    within a hundred iterations).
+    ``atol`` of where they should go: more accuracy would be rounding on top of the final check's tolerance, and
+    stopping early keeps ``Δ`` small), or once the solution is reached to rounding, with 100 machine epsilons
+    ``ε``: the gradient ``‖Aᵀr‖`` below ``ε·‖A‖·‖r‖`` (a least-squares solution; ``‖A‖`` estimated from below by
+    the largest ``‖A d‖/‖d‖`` of the search directions) or below ``ε`` times its start (a consistent system
+    solved). Past that point more iterations only amplify the rounding: without these tests the iterates drifted
+    off the solution, by orders of magnitude in float32 within a hundred iterations.
     """
     apply, adjoint = _weight_products(A, param, right)
     delta = torch.zeros_like(A.tensors[param])
@@ -417,6 +376,7 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
     grad = adjoint(residual)
     direction = grad.clone()
     gamma = grad.pow(2).sum()
+    solved = limit * gamma  # the gradient at rounding relative to its start
     scale = gamma.new_zeros(())  # the largest ‖A d‖²/‖d‖² so far
     for _ in range(iters):
         if gamma <= 0:
@@ -434,7 +394,7 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
         scale = torch.maximum(scale, denom / direction.pow(2).sum())
         grad = adjoint(residual)
         gamma_new = grad.pow(2).sum()
-        if gamma_new <= limit * scale * squared:
+        if gamma_new <= torch.maximum(limit * scale * squared, solved):
             break
         direction = grad + (gamma_new / gamma) * direction
         gamma = gamma_new
@@ -564,7 +524,7 @@ def _clip_iterative(
         shape = (-1, *[1] * len(A.output_shape))
         rhs = (new_values - current.values).view(shape) * current.left
         moving = new_values != current.values
-        delta = _least_squares(A, param, current.right[moving], rhs[moving], cg_iters, atol=tol / 8 * target)
+        delta = _cgls(A, param, current.right[moving], rhs[moving], cg_iters, atol=tol / 8 * target)
         if not torch.isfinite(delta).all():
             raise RuntimeError("the least-squares step produced non-finite values; the module was left unchanged")
         work.add_(delta)
@@ -650,7 +610,7 @@ def clip_spectral_norm_(
         tol: relative tolerance on the final norm.
         max_rounds: least-squares rounds before the exact-scaling fallback.
         block_size: singular vectors handled per round.
-        cg_iters: conjugate-gradient iterations per round (where the round is not solved directly).
+        cg_iters: conjugate-gradient iterations per round.
         param: name of the weight to move, for modules other than the supported ones.
         seed: seed of the random starting vectors (results are deterministic for a seed).
 
@@ -710,7 +670,7 @@ def clip_spectral_norms_(
         tol: relative tolerance on each final norm.
         max_rounds: least-squares rounds per layer before the exact-scaling fallback.
         block_size: singular vectors handled per round.
-        cg_iters: conjugate-gradient iterations per round (where the round is not solved directly).
+        cg_iters: conjugate-gradient iterations per round.
         seed: seed of the random starting vectors (each layer's are those :func:`clip_spectral_norm_` uses).
 
     Returns:
