@@ -816,17 +816,17 @@ class SpectralClipper:
                 continue
             due.append((m, value))
         changed: set[str] = set()
+        measured: set[str] = set()  # maps whose spectrum was measured on their present weights in this event
         pending = due
         for attempt in range(3 if self.method.exact else 1):
-            self._clip_pass(pending, changed, rescale=attempt == 2)
+            measured |= self._clip_pass(pending, changed, rescale=attempt == 2)
             pending = [(m, v) for m, v in due if self._sigma(m) > v * (1 + self.method.tol / 2)]
             if not pending:
                 break
         for name in changed:
             self._states[name].clips += 1
-        if final:  # the per-step estimates of maps nobody clipped can lag behind: measure them
-            clipped = {m.name for m, _ in due}
-            self._measure_all([m for m in self.maps if m.name not in clipped])
+        if final:  # the per-step estimates of the other maps (a clip that wrote nothing) can lag behind: measure them
+            self._measure_all([m for m in self.maps if m.name not in measured])
         self._clipped_step = self._num_steps
 
     def _sigma(self, tracked: TrackedMap) -> float:
@@ -837,9 +837,10 @@ class SpectralClipper:
         """Whether a clip's own measurement of the weights it wrote can stand for the map's tracked spectrum."""
         return measured is not None and measured.right.shape[0] >= self._k(tracked)
 
-    def _clip_pass(self, due: Sequence[tuple[TrackedMap, float]], changed: set[str], rescale: bool) -> None:
+    def _clip_pass(self, due: Sequence[tuple[TrackedMap, float]], changed: set[str], rescale: bool) -> set[str]:
         """Clip the due maps: in batches of maps that share no parameter, each batch in one call of the method
-        (FastClip measures a batch's maps in lock-step), in the order of ``due`` where maps share parameters."""
+        (FastClip measures a batch's maps in lock-step), in the order of ``due`` where maps share parameters.
+        Returns the names of the maps whose spectrum was measured on their present weights (by a clip, or anew)."""
         moved_params: set[int] = set()  # parameters some clip moved
         fresh: dict[str, Spectrum] = {}  # spectra the clips measured on the weights they wrote
         for batch in _disjoint(due):
@@ -869,6 +870,7 @@ class SpectralClipper:
             elif any(id(p) in moved_params for p in m.module.parameters()):
                 stale.append(m)
         self._measure_all(stale)
+        return set(fresh) | {m.name for m in stale}
 
     def _clip_batch(self, batch: Sequence[tuple[TrackedMap, float]], rescale: bool) -> list[ClipResult | None]:
         """Clip maps that share no parameter; BatchNorm maps by the method's clamp."""
