@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_specclip import ImplicitLinear, SpectralClipper, spectrum
 from lightning_specclip.spectral.clip import clip_spectral_norm_, clip_spectral_norms_
-from lightning_specclip.spectral.exact import dense_spectral_norm
+from lightning_specclip.spectral.exact import dense_matrix, dense_spectral_norm
 from lightning_specclip.spectral.spectrum import GAP_FREE_DENSE_MAX, gap_free_spectra
 
 TOL = 0.0075
@@ -157,8 +157,11 @@ def test_closed_form_weight_products_are_the_autograd_ones(make, shape) -> None:
 def _dense_least_norm(A: ImplicitLinear, right: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Ground truth: the least-norm least-squares weight change, from the dense matrix of ``Δ ↦ A_Δ V`` (float64)."""
     weight = A.tensors["weight"]
-    basis = torch.eye(weight.numel(), dtype=torch.float64).reshape(-1, *weight.shape)
-    matrix = torch.stack([A.apply(right, {**A.tensors, "weight": e}).reshape(-1) for e in basis], dim=1)
+
+    def images(deltas: torch.Tensor) -> torch.Tensor:
+        return torch.stack([A.apply(right, {**A.tensors, "weight": d}) for d in deltas])
+
+    matrix = dense_matrix(images, weight.shape)
     return (torch.linalg.pinv(matrix) @ rhs.reshape(-1)).reshape(weight.shape)
 
 
