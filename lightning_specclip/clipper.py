@@ -22,16 +22,18 @@ from lightning_specclip.spectral.clip import (
     check_clippable,
     clip_spectral_norms_,
 )
-from lightning_specclip.spectral.operator import ImplicitLinear
+from lightning_specclip.spectral.operator import ImplicitLinear, no_autocast
 from lightning_specclip.spectral.power import PowerStep
 from lightning_specclip.spectral.spectrum import Spectrum, gap_free_spectra, spectrum
 from lightning_specclip.targets import (
     LAYER_TYPES,
     PROJECTIONS,
+    Call,
     InputShapeRecorder,
     Selector,
     TrackedMap,
     attention_projection,
+    called_view,
     find_conv_bn_pairs,
     named_modules,
     select_modules,
@@ -198,6 +200,25 @@ def _info(message: str) -> None:
         log.info("SpectralClipper: %s", message)
 
 
+def _map_name(name: str, shape: tuple[int, ...], call: Call) -> str:
+    """``"<layer>@CxHxW"``, with ``",<attribute>=AxB"`` for what the call fixes besides the input shape."""
+    fixed = "".join(f",{attribute}={'x'.join(map(str, value))}" for attribute, value in call)
+    return f"{name}@{'x'.join(map(str, shape))}{fixed}"
+
+
+def _named(tracked: TrackedMap, err: Exception) -> Exception:
+    """``err`` with the map it happened on in front of its message (same class where it takes one message)."""
+    message = (
+        f"clipping {tracked.name} ({type(tracked.layer).__name__}, input shape {tracked.input_shape}) failed: "
+        f"{type(err).__name__}: {err}"
+    )
+    try:
+        named = type(err)(message)
+    except Exception:  # noqa: BLE001 - an exception class that takes other arguments
+        named = RuntimeError(message)
+    return named if str(named) == message else RuntimeError(message)
+
+
 def _disjoint(due: Sequence[tuple[TrackedMap, float]]) -> list[list[tuple[TrackedMap, float]]]:
     """``due`` in batches of maps that share no parameter: a map goes in the batch after the last one holding a map
     it shares a parameter with (the order of ``due`` among maps that share parameters is kept)."""
@@ -233,26 +254,33 @@ class SpectralClipper:
     convergence; an exact method (FastClip) clips again what a clip of another map of the same layer pushed
     above its value, finally by rescaling the weight.
 
-    Input shapes: a convolution's norm depends on its input size, so every input shape a layer runs at in
-    training mode between the clipper's creation and the first :meth:`step` (the first training step) is its
-    own map, tracked and clipped (``"<layer>@CxHxW"`` for the shapes after the first); evaluation-mode
-    forwards do not count. Name further shapes, such as the test resolution, with ``input_shapes``. A shape
-    first seen later is not bounded. A ``Linear``'s norm is the same at every input shape and needs none; a
-    selected layer that did not run (and has no named shape) is skipped with a warning. Frozen layers (no
-    parameter requiring grad) are tracked, not clipped, unless ``clip_frozen``; layers that cannot be clipped
-    (not linear in their weight, such as a weight-standardized conv) are tracked and reported in
-    :attr:`not_clipped`.
+    Input shapes: a convolution's map depends on its input size and on how it is called, so every way a layer
+    runs in training mode between the clipper's creation and the first :meth:`step` (the first training step)
+    is its own map, tracked and clipped: each input shape, and for a transposed convolution each
+    ``output_size=`` that changes its output (``"<layer>@CxHxW"`` for the ways after the first); evaluation-mode
+    forwards do not count. Compiled models are recorded too (``torch.compile``'s cached code is dropped once
+    so that it calls the recording hooks). Name further shapes, such as the test resolution, with
+    ``input_shapes``. A shape first seen later is not bounded. A ``Linear``'s norm is the same at every input
+    shape and needs none. Every selected layer the clipper cannot bound is listed in :attr:`not_clipped` and
+    :meth:`summary` with the reason, and warned about: one that did not run in training before the first step
+    (and has no named shape), one called with arguments whose map it cannot rebuild, one not linear in its
+    weight (such as a weight-standardized conv; tracked), and frozen layers (no parameter requiring grad;
+    tracked, clipped with ``clip_frozen``).
 
     When a ``torch.distributed`` process group is running (DDP, Fabric), clipped weights are broadcast from
     rank 0 so every rank holds bit-identical weights (data-parallel training never re-broadcasts parameters);
     every rank must call :meth:`step` and :meth:`clip` alike. Spectral math runs in float32 whatever the
-    dtype of the model.
+    dtype of the model, and outside any autocast region the step or clip is called from (a step inside
+    ``optimizer.step()`` under ``torch.autocast``, a Lightning hook under ``precision="bf16-mixed"``).
 
     Args:
         model: the model whose layers are controlled (inside a ``DistributedDataParallel`` or Fabric wrapper
             the layers keep the model's own names).
-        target: the spectral norm to clip to, or a mapping from module-name glob to target (the first
-            matching pattern wins; layers matching none are tracked but not clipped).
+        target: the spectral norm to clip to, or a mapping from module-name glob to target. Patterns are
+            ``fnmatch`` globs on the layer's full name (``"layer1.*"``; a conv∘BN composition also by
+            ``"conv+bn"``), tried in the mapping's order: the first that matches gives the target, so put
+            specific patterns before catch-alls (a pattern all of whose layers an earlier one takes is warned
+            about). Layers matching none are tracked but not clipped.
         optimizer: step automatically right after every ``optimizer.step()`` (see :meth:`attach`): a GAN's
             discriminator is then clipped after its own step, before the generator trains against it.
         modules: module types and/or name globs to act on; default every ``Linear``, ``Conv*d`` and
@@ -351,7 +379,9 @@ class SpectralClipper:
         self.start_step: int = options["start_step"]
         #: every tracked map, one per input shape its layer runs at (known at the first step)
         self.maps: list[TrackedMap] = []
-        #: maps that are tracked but not clipped, with the reason (frozen, not linear in the weight, ...)
+        #: maps and selected layers that are not clipped, with the reason: layers the clipper cannot bound (never
+        #: ran in training, called in a way whose map it cannot rebuild; neither tracked nor clipped) and maps
+        #: that are tracked only (frozen, not linear in the weight, a kind the method cannot clip)
         self.not_clipped: dict[str, str] = {}
         self._layers = self._select(_unwrap(model), options["modules"], options["exclude"])
         self._check_patterns()
@@ -397,6 +427,15 @@ class SpectralClipper:
         for group, pattern in [*patterns, *(("input_shapes", p) for p in self.input_shapes)]:
             if not any(m.matches(pattern) for m in self._layers):
                 raise ValueError(f"{group} pattern {pattern!r} matches no selected layer; selected: {', '.join(names)}")
+        for i, (_, pattern) in enumerate(patterns):
+            earlier = [p for _, p in patterns[:i]]
+            taken = [next((p for p in earlier if m.matches(p)), None) for m in self._layers if m.matches(pattern)]
+            if all(p is not None for p in taken):
+                _warn(
+                    f"target pattern {pattern!r} sets no layer's target: every layer it matches is taken by an "
+                    f"earlier pattern ({', '.join(repr(p) for p in dict.fromkeys(taken))}); the first matching "
+                    f"pattern wins, so put specific patterns before catch-alls"
+                )
 
     def _check_clippable(self) -> None:
         if self.method.name == "none":
@@ -435,48 +474,75 @@ class SpectralClipper:
         return None
 
     # ------------------------------------------------------------------ input shapes
-    def _shapes_of(self, layer: TrackedMap, recorded: Mapping[str, list[tuple[int, ...]]]) -> list[tuple[int, ...]]:
-        """Every input shape a layer is bounded at: those it ran at before the first step, and those named in
-        ``input_shapes``. A Linear's norm is the same at every shape: it is measured on one input vector."""
+    def _calls_of(
+        self, layer: TrackedMap, recorded: Mapping[str, list[tuple[tuple[int, ...], Call]]]
+    ) -> list[tuple[tuple[int, ...], Call]]:
+        """Every way a layer is bounded at: the (input shape, call) pairs it ran with before the first step, and
+        the shapes named in ``input_shapes`` (called with the input alone). A Linear's norm is the same at every
+        shape: it is measured on one input vector."""
         module, name = layer.layer, layer.parts[0]
         if layer.kind == "batchnorm":  # the clamp of the gains holds at every shape
             return recorded.get(name, [])[:1]
         if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and module.in_features > 0:
-            return [(module.in_features,)]
-        shapes = list(recorded.get(name, []))
+            return [((module.in_features,), ())]
+        calls = list(recorded.get(name, []))
         for pattern, extra in self.input_shapes.items():
             if layer.matches(pattern):
-                shapes += [s for s in extra if s not in shapes]
-        return shapes
+                calls += [(s, ()) for s in extra if (s, ()) not in calls]
+        return calls
 
     def _ensure_maps(self) -> None:
         """At the first step: turn the selected layers into maps, one per input shape, and decide which are clipped."""
         if self._recorder is None:
             return
-        recorded = self._recorder.all_shapes
+        recorded, unsupported = self._recorder.all_calls, self._recorder.unsupported
         self._recorder.remove()
         self._recorder = None
-        self.maps, missing = [], []
+        self.maps, unbounded = [], {}
         for layer in self._layers:
             if layer.kind == "projection":  # built now, on the device and in the dtype the model trains in
                 view = attention_projection(layer.layer, layer.name.rsplit(".", 1)[1])
                 layer = dataclasses.replace(layer, kind="layer", module=view, layer=view)
-            shapes = self._shapes_of(layer, recorded)
-            if not shapes:
-                missing.append(layer.name)
-            for i, shape in enumerate(shapes):
-                name = layer.name if i == 0 else f"{layer.name}@{'x'.join(map(str, shape))}"
-                self.maps.append(dataclasses.replace(layer, name=name, input_shape=shape))
-        if missing:
-            _warn(
-                f"layers {missing} did not run in the first training batch (no forward in training mode before the "
-                f"first step); they are neither tracked nor clipped (name their input shapes with input_shapes= to "
-                f"bound them)"
-            )
+            if layer.parts[0] in unsupported:
+                unbounded[layer.name] = f"{unsupported[layer.parts[0]]}: its map as called cannot be rebuilt"
+                continue
+            calls = self._calls_of(layer, recorded)
+            if not calls:
+                unbounded[layer.name] = self._why_unrecorded(layer)
+            for i, (shape, call) in enumerate(calls):
+                name = layer.name if i == 0 else _map_name(layer.name, shape, call)
+                module = self._called(layer, call)
+                self.maps.append(dataclasses.replace(layer, name=name, input_shape=shape, call=call, module=module))
+        for reason in dict.fromkeys(unbounded.values()):
+            names = [n for n, r in unbounded.items() if r == reason]
+            _warn(f"neither tracked nor clipped, {reason}: {_listing(names)}")
         for m in self.maps:
             self._check_affine(m)
-        self.not_clipped = self._decide_not_clipped()
+        self.not_clipped = {**unbounded, **self._decide_not_clipped()}
         self._states = {m.name: self._states.get(m.name) or _MapState() for m in self.maps}
+
+    @staticmethod
+    def _called(layer: TrackedMap, call: Call) -> nn.Module:
+        """What runs a layer's map as called: the layer's :func:`~lightning_specclip.targets.called_view`, inside
+        the conv∘BatchNorm pair of a composition."""
+        if not call:
+            return layer.module
+        view = called_view(layer.layer, call)
+        return nn.Sequential(view, layer.module[1]) if layer.kind == "composition" else view
+
+    @staticmethod
+    def _why_unrecorded(layer: TrackedMap) -> str:
+        """Why a selected layer has no input shape at the first step."""
+        if any(p.grad is not None for p in layer.layer.parameters()):
+            return (
+                "ran in training but its input shape was not recorded (its forward pre-hooks did not run: "
+                "code that skips hooks, such as a compiled region traced before the clipper existed); name its "
+                "input shapes with input_shapes= to bound it"
+            )
+        return (
+            "never ran in training before the first step (no forward in training mode, e.g. a branch not "
+            "taken); name its input shapes with input_shapes= to bound it"
+        )
 
     @staticmethod
     def _check_affine(tracked: TrackedMap) -> None:
@@ -588,6 +654,10 @@ class SpectralClipper:
             >>> round(torch.linalg.matrix_norm(model[0].weight.detach().double(), 2).item(), 3)
             0.1
         """
+        with no_autocast():
+            self._step(final)
+
+    def _step(self, final: bool) -> None:
         self._ensure_maps()
         if type(self.method).penalty is not ClipMethod.penalty and not self._penalized and self._num_steps == 0:
             _warn(
@@ -616,9 +686,10 @@ class SpectralClipper:
             >>> {name: round(sigma, 3) for name, sigma in clipper.sigmas.items()}
             {'0': 1.0}
         """
-        self._ensure_maps()
-        self._track_all()
-        self._clip_all(final=True)
+        with no_autocast():
+            self._ensure_maps()
+            self._track_all()
+            self._clip_all(final=True)
 
     def penalize(self) -> None:
         """Add the gradient of the method's penalty (the ``gram`` regularizer) to the weights' gradients.
@@ -636,6 +707,10 @@ class SpectralClipper:
         self._penalized = True
         if type(self.method).penalty is ClipMethod.penalty:
             return
+        with no_autocast():
+            self._penalize()
+
+    def _penalize(self) -> None:
         self._ensure_maps()
         for m in self.maps:
             value = self.target_of(m)
@@ -873,7 +948,23 @@ class SpectralClipper:
         return set(fresh) | {m.name for m in stale}
 
     def _clip_batch(self, batch: Sequence[tuple[TrackedMap, float]], rescale: bool) -> list[ClipResult | None]:
-        """Clip maps that share no parameter; BatchNorm maps by the method's clamp."""
+        """Clip maps that share no parameter; BatchNorm maps by the method's clamp. An error names the map it
+        happened on: a batch that fails is clipped again one map at a time (its maps share no parameter, so
+        the order does not matter), and the map that fails raises."""
+        try:
+            return self._clip_together(batch, rescale)
+        except Exception as err:
+            if len(batch) == 1:
+                raise _named(batch[0][0], err) from err
+        results: list[ClipResult | None] = []
+        for item in batch:
+            try:
+                results += self._clip_together([item], rescale)
+            except Exception as err:
+                raise _named(item[0], err) from err
+        return results
+
+    def _clip_together(self, batch: Sequence[tuple[TrackedMap, float]], rescale: bool) -> list[ClipResult | None]:
         results = [self.method.clip_batchnorm_(m, value) if m.kind == "batchnorm" else None for m, value in batch]
         layers = [i for i, (m, _) in enumerate(batch) if m.kind != "batchnorm"]
         maps, values = [batch[i][0] for i in layers], [batch[i][1] for i in layers]
@@ -975,6 +1066,9 @@ class SpectralClipper:
                     self.not_clipped.get(m.name, ""),
                 )
             )
+        names = {m.name for m in self.maps}
+        unbounded = [(name, reason) for name, reason in self.not_clipped.items() if name not in names]
+        rows += [(name, "-", "-", "-", "-", "0", reason) for name, reason in unbounded]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         table = "\n".join(lines)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import logging
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 __all__ = [
     "DEFAULT_TYPES",
     "LAYER_TYPES",
     "PROJECTIONS",
+    "Call",
     "attention_projection",
+    "called_view",
     "clean_name",
     "conv_bn_nodes",
     "named_modules",
@@ -33,6 +38,14 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (*LAYER_TYPES, nn.MultiheadAttentio
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 Selector = str | type[nn.Module]
+#: what a layer's call fixes besides its input shape, as ``((attribute, value), ...)``: empty for a call with the
+#: input alone; ``(("output_padding", (1, 1)),)`` for a transposed convolution called with an ``output_size=``
+#: that makes its output larger than its own ``output_padding`` does
+Call = tuple[tuple[str, tuple[int, ...]], ...]
+
+log = logging.getLogger(__name__)
+
+_CONV_TRANSPOSE_FORWARDS = (nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward)
 
 
 @dataclass
@@ -52,6 +65,8 @@ class TrackedMap:
         input_shape: shape of one input without the batch dimension, once seen.
         parts: names of the model's modules the map is made of (the conv and the BatchNorm of a composition);
             default ``(name,)``.
+        call: what the layer's call fixes besides the input shape (see :data:`Call`); ``module`` then runs the
+            layer as so called (:func:`called_view`).
 
     Example:
         >>> conv, bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
@@ -66,6 +81,7 @@ class TrackedMap:
     layer: nn.Module
     input_shape: tuple[int, ...] | None = None
     parts: tuple[str, ...] = ()
+    call: Call = ()
 
     def __post_init__(self) -> None:
         if not self.parts:
@@ -122,6 +138,57 @@ def attention_projection(attention: nn.MultiheadAttention, which: str) -> nn.Lin
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     layer.weight = nn.Parameter(weight, requires_grad=source.requires_grad)
     return layer
+
+
+def called_view(layer: nn.Module, call: Call) -> nn.Module:
+    """The layer as one particular call runs it: a shallow copy that shares the layer's parameters, buffers and
+    hooks (the same dictionaries, so it reads and writes the live weights) with the attributes of ``call`` set.
+
+    A transposed convolution called with ``output_size=`` runs the map of its own class with another
+    ``output_padding`` (one more output row or column per unit): measuring and clipping the view measures and
+    clips the map that runs.
+
+    Args:
+        layer: the layer.
+        call: ``((attribute, value), ...)`` as recorded by :class:`InputShapeRecorder`; empty returns ``layer``.
+
+    Returns:
+        nn.Module: ``layer`` itself, or its view.
+
+    Example:
+        >>> up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1)
+        >>> view = called_view(up, (("output_padding", (1, 1)),))
+        >>> x = torch.randn(1, 4, 5, 5)
+        >>> view.weight is up.weight, torch.equal(view(x), up(x, output_size=(10, 10)))
+        (True, True)
+    """
+    if not call:
+        return layer
+    view = copy.copy(layer)
+    for attribute, value in call:
+        setattr(view, attribute, value)
+    return view
+
+
+def _call_of(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Call | str:
+    """What a forward call fixes besides the input shape, or a description of arguments the map cannot be
+    rebuilt from. A transposed convolution's ``output_size`` (positional or keyword) becomes the
+    ``output_padding`` its forward computes from it."""
+    rest, extra = args[1:], dict(kwargs)
+    if isinstance(module, _ConvTransposeNd) and type(module).forward in _CONV_TRANSPOSE_FORWARDS:
+        size = extra.pop("output_size", rest[0] if rest else None)
+        if rest[1:] or extra:
+            return f"called with arguments {rest[1:]!r} {extra!r} besides its input and output_size"
+        if size is None:
+            return ()
+        m, dims = module, len(module.kernel_size)
+        # what the layer's forward computes from output_size (and its checks of it)
+        padding = m._output_padding(args[0], list(size), m.stride, m.padding, m.kernel_size, dims, m.dilation)
+        padding = tuple(int(p) for p in padding)
+        return () if padding == tuple(module.output_padding) else (("output_padding", padding),)
+    if rest or extra:
+        return f"called with arguments besides its input ({len(rest)} positional, keywords {sorted(extra)})"
+    return ()
 
 
 def clean_name(name: str) -> str:
@@ -311,8 +378,27 @@ def conv_bn_nodes(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[
     return pairs
 
 
+def _drop_compiled_code() -> None:
+    """Drop the code ``torch.compile`` cached in this process, if it compiled any since its last reset.
+
+    Compiled code does not guard on forward hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): code
+    traced before a hook was registered never calls it, and code traced with another model's hooks calls
+    those (a second model of one class, as in cross-validation folds, would reuse the first one's). Dropping the
+    cache makes the next call trace the hooks now registered; the price is one recompilation of what ran before.
+    """
+    from torch._dynamo import convert_frame
+
+    if getattr(convert_frame, "FRAME_COUNTER", 1):
+        log.info("dropping torch.compile's cached code so that compiled models call the input-shape hooks")
+        torch.compiler.reset()
+
+
 class InputShapeRecorder:
-    """Record the per-sample input shapes of modules on their forward calls, until :meth:`remove`.
+    """Record how modules are called, until :meth:`remove`: the per-sample input shape and what the call fixes
+    besides it (a transposed convolution's ``output_size``).
+
+    Works in compiled models too: code ``torch.compile`` cached before the recorder existed is dropped (it would
+    skip the hooks; see ``torch._dynamo.config.skip_nnmodule_hook_guards``), so the next call recompiles once.
 
     Args:
         modules: ``(name, module)`` pairs to watch.
@@ -320,9 +406,10 @@ class InputShapeRecorder:
             other evaluation-mode forwards do not count.
 
     Attributes:
-        all_shapes: ``name → every distinct input shape without the batch dimension``, in the order first
-            seen (a layer run at several input sizes, as in multi-scale features, has several).
-        shapes: ``name → the first of them``.
+        all_calls: ``name → every distinct (input shape without the batch dimension, call)``, in the order first
+            seen; the call is ``()`` for a call with the input alone (see :data:`Call`).
+        unsupported: ``name → how a module was called`` for calls whose map cannot be rebuilt (arguments
+            besides the input that the recorder does not know).
 
     Example:
         >>> conv = nn.Conv2d(1, 2, 3)
@@ -331,27 +418,51 @@ class InputShapeRecorder:
         ...     _ = conv(torch.zeros(5, 1, 16, 16))
         >>> recorder.shapes, recorder.all_shapes
         ({'conv': (1, 8, 8)}, {'conv': [(1, 8, 8), (1, 16, 16)]})
+        >>> up = nn.ConvTranspose2d(2, 1, 3, stride=2, padding=1)
+        >>> with InputShapeRecorder([("up", up)]) as recorder:
+        ...     _ = up(torch.zeros(5, 2, 4, 4), output_size=(8, 8))
+        >>> recorder.all_calls
+        {'up': [((2, 4, 4), (('output_padding', (1, 1)),))]}
     """
 
     def __init__(self, modules: Iterable[tuple[str, nn.Module]], *, training_only: bool = False) -> None:
-        self.all_shapes: dict[str, list[tuple[int, ...]]] = {}
+        self.all_calls: dict[str, list[tuple[tuple[int, ...], Call]]] = {}
+        self.unsupported: dict[str, str] = {}
         self.training_only = training_only
-        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in modules]
+        modules = list(modules)
+        if modules:
+            _drop_compiled_code()
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(name), with_kwargs=True) for name, module in modules
+        ]
+
+    @property
+    def all_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """``name → every distinct input shape seen``, in the order first seen."""
+        result: dict[str, list[tuple[int, ...]]] = {}
+        for name, calls in self.all_calls.items():
+            shapes = result.setdefault(name, [])
+            shapes += [shape for shape, _ in calls if shape not in shapes]
+        return result
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """``name → the first input shape seen``."""
-        return {name: shapes[0] for name, shapes in self.all_shapes.items()}
+        return {name: calls[0][0] for name, calls in self.all_calls.items()}
 
-    def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(module: nn.Module, args: tuple) -> None:
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             if self.training_only and not module.training:
                 return
             if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-                shape = tuple(args[0].shape[1:])
-                seen = self.all_shapes.setdefault(name, [])
-                if shape not in seen:
-                    seen.append(shape)
+                call = _call_of(module, args, kwargs)
+                if isinstance(call, str):
+                    self.unsupported.setdefault(name, call)
+                    return
+                seen = self.all_calls.setdefault(name, [])
+                key = (tuple(args[0].shape[1:]), call)
+                if key not in seen:
+                    seen.append(key)
 
         return hook
 

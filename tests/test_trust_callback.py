@@ -156,7 +156,7 @@ def test_shapes_come_from_training_not_sanity_check_validation():
     eval_only = scaled(MultiScale(), 4.0)
     callback = SpectralClipCallback(1.0, every_n_steps=1, warmup_iters=10)
     before = eval_only.eval_only.weight.detach().clone()
-    with pytest.warns(UserWarning, match="did not run in the first training batch"):
+    with pytest.warns(UserWarning, match="neither tracked nor clipped, never ran in training before the first step"):
         trainer(max_steps=2, callbacks=[callback], num_sanity_val_steps=1, limit_val_batches=1).fit(
             Validated(eval_only), loader(n=16), val_dataloaders=loader(n=8)
         )

@@ -9,6 +9,7 @@ of the operator).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ __all__ = [
     "eval_mode",
     "linear_adjoint",
     "linear_part",
+    "no_autocast",
 ]
 
 Op = nn.Module | Callable[[Tensor], Tensor]
@@ -81,6 +83,30 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+# The device types torch.autocast knows; an autocast region of any of them is turned off by no_autocast.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+@contextmanager
+def no_autocast() -> Iterator[None]:
+    """Turn off every ``torch.autocast`` region the block runs in (the caller's mixed precision), and restore it.
+
+    Spectral math is exact only in the dtype it asks for: under autocast a convolution or a matrix product
+    would run in bfloat16 or float16, and mix those results with float32 vectors. Usable as a decorator too.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     with no_autocast():
+        ...         (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
+    active = [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
+    with contextlib.ExitStack() as stack:
+        for device in active:
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _hooked(module: nn.Module) -> bool:
