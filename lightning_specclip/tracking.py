@@ -20,7 +20,9 @@ from lightning_specclip.spectral.operator import eval_mode
 from lightning_specclip.spectral.spectrum import spectrum
 from lightning_specclip.targets import (
     LAYER_TYPES,
+    Call,
     InputShapeRecorder,
+    called_view,
     find_conv_bn_pairs,
     named_modules,
     select_modules,
@@ -54,10 +56,16 @@ def input_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]
         >>> input_shapes(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3)), torch.zeros(1, 1, 8, 8))
         {'0': (1, 8, 8), '2': (72,)}
     """
+    return {name: shape for name, (shape, _) in _first_calls(model, example).items()}
+
+
+def _first_calls(model: nn.Module, example: Tensor) -> dict[str, tuple[tuple[int, ...], Call]]:
+    """How every Linear/conv layer is first called on ``example`` (eval mode): its input shape and what the call
+    fixes besides it (a transposed convolution's ``output_size=``)."""
     layers = select_modules(model, list(LAYER_TYPES))
     with InputShapeRecorder(layers) as recorder, eval_mode(model), torch.no_grad():
         model(example)
-    return dict(recorder.shapes)
+    return {name: calls[0] for name, calls in recorder.all_calls.items()}
 
 
 def ground_truth_sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
@@ -86,8 +94,9 @@ def ground_truth_sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
 def spectral_norms(model: nn.Module, example: Tensor) -> dict[str, dict[str, float]]:
     """Ground-truth spectral norms of every layer, conv∘BatchNorm composition and BatchNorm of a model.
 
-    Layers and compositions are measured as the linear maps they are on the inputs they receive for
-    ``example`` (dense SVD for small ones, ARPACK otherwise, in float64); BatchNorm by its largest
+    Layers and compositions are measured as the linear maps they are as called on the inputs they receive for
+    ``example`` (a transposed convolution with its ``output_size=``; dense SVD for small ones, ARPACK otherwise,
+    in float64); BatchNorm by its largest
     per-channel gain ``|γ|/√(var+ε)`` (running statistics).
 
     Args:
@@ -102,21 +111,29 @@ def spectral_norms(model: nn.Module, example: Tensor) -> dict[str, dict[str, flo
         >>> sorted(spectral_norms(model, torch.zeros(1, 1, 8, 8))["compositions"])
         ['0+1']
     """
-    shapes = input_shapes(model, example)
+    calls = _first_calls(model, example)
     modules = named_modules(model)
-    layers = {name: ground_truth_sigma(modules[name], shape) for name, shape in shapes.items()}
-    compositions = composition_norms(model, shapes)
+    layers = {
+        name: ground_truth_sigma(called_view(modules[name], call), shape) for name, (shape, call) in calls.items()
+    }
+    compositions = composition_norms(model, {name: shape for name, (shape, _) in calls.items()}, calls)
     batchnorms = batchnorm_gains(model)
     return {"layers": layers, "compositions": compositions, "batchnorms": batchnorms}
 
 
-def composition_norms(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+def composition_norms(
+    model: nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+    calls: dict[str, tuple[tuple[int, ...], Call]] | None = None,
+) -> dict[str, float]:
     """Ground-truth spectral norm of every conv∘BatchNorm composition (BatchNorm's running statistics), at the
     conv's input shape.
 
     Args:
         model: the model.
         shapes: each layer's input shape, as :func:`input_shapes` gives them; convs not in it are left out.
+        calls: each layer's ``(input shape, call)`` where the call fixes more than the shape (a transposed
+            convolution's ``output_size=``); the conv then runs as so called.
 
     Returns:
         dict[str, float]: ``"conv+bn"`` → σ.
@@ -128,7 +145,9 @@ def composition_norms(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> d
     """
     modules = named_modules(model)
     return {
-        f"{conv}+{bn}": ground_truth_sigma(nn.Sequential(modules[conv], modules[bn]), shapes[conv])
+        f"{conv}+{bn}": ground_truth_sigma(
+            nn.Sequential(called_view(modules[conv], (calls or {}).get(conv, ((), ()))[1]), modules[bn]), shapes[conv]
+        )
         for conv, bn in find_conv_bn_pairs(model)
         if conv in shapes
     }

@@ -17,8 +17,16 @@ from test_callback import trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_specclip import SpectralClipCallback, SpectralClipper
+from lightning_specclip import (
+    ImplicitLinear,
+    SpectralClipCallback,
+    SpectralClipper,
+    clip_spectral_norm_,
+    gap_free_spectra,
+    spectrum,
+)
 from lightning_specclip.targets import InputShapeRecorder
+from lightning_specclip.tracking import spectral_norms
 
 
 def sigma_as_called(layer: nn.Module, shape: tuple[int, ...], **call) -> float:
@@ -257,3 +265,27 @@ def test_a_target_pattern_shadowed_by_an_earlier_one_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SpectralClipper(net, {"0": 0.5, "*": 1.0})  # specific first: no warning
+
+
+def test_ground_truth_of_a_model_measures_the_transposed_conv_as_called():
+    net = unet(2)
+    layers = spectral_norms(net, torch.zeros(1, 1, 8, 8))["layers"]
+    assert layers["up"] == pytest.approx(sigma_as_called(net.up, (4, 4, 4), output_size=(8, 8)), rel=1e-9)
+    assert layers["up"] != pytest.approx(sigma_as_called(net.up, (4, 4, 4)), rel=1e-3)
+
+
+def test_core_functions_run_outside_the_callers_autocast():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(5)
+    A = ImplicitLinear(conv, (2, 8, 8))
+    x = torch.randn(2, 2, 8, 8)
+    exact = sigma_as_called(conv, (2, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert A.matvec(x).dtype == A.rmatvec(A.matvec(x)).dtype == A.gram(x)[0].dtype == torch.float32
+        assert float(spectrum(conv, (2, 8, 8), tol=1e-6).values[0]) == pytest.approx(exact, rel=1e-5)
+        assert float(gap_free_spectra([A], 1e-3)[0].values[0]) == pytest.approx(exact, rel=2e-3)
+        result = clip_spectral_norm_(conv, 1.0, (2, 8, 8))
+    assert result.after == pytest.approx(sigma_as_called(conv, (2, 8, 8)), rel=1e-4)
+    assert sigma_as_called(conv, (2, 8, 8)) <= 1.01

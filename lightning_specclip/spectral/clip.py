@@ -45,7 +45,13 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm as _LegacySpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _LegacyWeightNorm
 
-from lightning_specclip.spectral.operator import ImplicitLinear, NotLinearInWeightError, eval_mode, linear_part
+from lightning_specclip.spectral.operator import (
+    ImplicitLinear,
+    NotLinearInWeightError,
+    eval_mode,
+    linear_part,
+    no_autocast,
+)
 from lightning_specclip.spectral.power import _CONVS, _plain_conv
 from lightning_specclip.spectral.spectrum import Spectrum, gap_free_spectra, spectrum
 
@@ -563,6 +569,7 @@ def _clip_iterative(
     return ClipResult(before, after, target, rounds, _within(after, target, mode, tol), rescaled, final, changed=True)
 
 
+@no_autocast()
 def clip_spectral_norm_(
     module: Clippable,
     target: float,
@@ -648,6 +655,7 @@ def clip_spectral_norm_(
         )[0]
 
 
+@no_autocast()
 def clip_spectral_norms_(
     modules: Sequence[Clippable],
     targets: float | Sequence[float],

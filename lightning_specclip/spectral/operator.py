@@ -510,6 +510,7 @@ class ImplicitLinear:
             self._bias = out[-1:].detach()
         return out[:-1] - out[-1:]
 
+    @no_autocast()
     def matvec(self, x: Tensor) -> Tensor:
         """Apply ``A`` to a batch: ``op(x) − op(0)``.
 
@@ -528,6 +529,7 @@ class ImplicitLinear:
         with torch.no_grad():
             return self.apply(x.to(self.device, self.dtype))
 
+    @no_autocast()
     def rmatvec(self, y: Tensor) -> Tensor:
         """Apply ``Aᵀ`` to a batch of output-shaped tensors (a vector-Jacobian product).
 
@@ -556,6 +558,7 @@ class ImplicitLinear:
             (g,) = torch.autograd.grad(self.apply(x), x, grad_outputs=y)
         return g
 
+    @no_autocast()
     def gram(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Apply ``AᵀA`` to a batch with one forward and one backward pass.
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_specclip.spectral.operator import ImplicitLinear
+from lightning_specclip.spectral.operator import ImplicitLinear, no_autocast
 
 __all__ = ["Grams", "PowerStep"]
 
@@ -199,6 +199,7 @@ class PowerStep:
         self.values = [torch.zeros(1, dtype=A.dtype, device=A.device) for A in self.operators]
         self._graph: torch.cuda.CUDAGraph | None = None
 
+    @no_autocast()
     def __call__(self, vectors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Run one step from ``vectors``.
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_specclip.spectral.operator import ImplicitLinear, Op
+from lightning_specclip.spectral.operator import ImplicitLinear, Op, no_autocast
 from lightning_specclip.spectral.power import Grams
 
 __all__ = [
@@ -377,6 +377,7 @@ def _subspace(
     return theta.clamp_min(0).sqrt(), X.T, res, matvecs, iters, converged
 
 
+@no_autocast()
 def spectrum(
     op: Op | ImplicitLinear,
     input_shape: Sequence[int] | None = None,
@@ -510,6 +511,7 @@ def _spectrum(
     return Spectrum(values, right, lefts, matvecs, iters, converged, res.to(torch.float64), solver)
 
 
+@no_autocast()
 def gap_free_spectra(
     operators: Sequence[ImplicitLinear],
     tol: float,
