@@ -22,7 +22,10 @@ from fixtures_report import (  # noqa: E402
     write_fake_runs,
     write_fake_study,
 )
-from scripts import load_script  # noqa: E402
+from scripts import EXPERIMENTS, load_script  # noqa: E402
+
+sys.path.insert(0, str(EXPERIMENTS))  # experiments/reporting/, the report's modules (experiments/ is not a package)
+from reporting.style import EXTRA_STYLE, METHOD_STYLE  # noqa: E402
 
 FIGURES = ("violin_sigma.png", "bn_sigma_over_training.png", "accuracy_vs_target.png")
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "report_without_certify.md"
@@ -315,7 +318,7 @@ def test_study_figures_are_readable_at_readme_width(tmp_path: Path, report: Modu
     assert all(" 3 " == r.split("|")[4] for r in rows)
 
 
-def test_methods_differ_by_marker_not_only_colour(report: ModuleType) -> None:
-    markers = [marker for _, marker in report.METHOD_STYLE.values()]
+def test_methods_differ_by_marker_not_only_colour() -> None:
+    markers = [marker for _, marker in METHOD_STYLE.values()]
     assert len(set(markers)) == len(markers)
-    assert not set(markers) & {marker for _, marker in report._EXTRA_STYLE}
+    assert not set(markers) & {marker for _, marker in EXTRA_STYLE}
