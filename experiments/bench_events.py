@@ -9,8 +9,8 @@ operator products (vectors through ``A``: the measurements' ``AᵀA`` products, 
 products, and for the baselines our measurement of what they wrote, which their own papers do not pay), ATen
 ops dispatched (each one a kernel launch on a GPU) and host synchronizations (``item``/``_local_scalar_dense``:
 each one a wait for the device on a GPU), counted with ``torch.profiler`` on the CPU. Then the same for one
-per-step update (also with same-geometry convolutions run as one grouped convolution, ``PowerStep(group=True)``,
-on a CPU) and for the warm-up (the first step).
+per-step update (also with same-geometry convolutions run as one grouped convolution,
+``clipper.tracker.group_convolutions = True``, on a CPU) and for the warm-up (the first step).
 
     python experiments/bench_events.py                        # width 16, writes reports/bench_events.md
     python experiments/bench_events.py --width 4 --drift 2    # smoke test
@@ -120,11 +120,10 @@ def _run_method(
         train_step()
         clipper.step()
     measured["per-step"] = _measure(lambda: clipper.step, products, args.repeats * 5)
-    alone = clipper._power
-    if alone is not None:  # the same update with same-geometry convolutions run as one grouped convolution
-        clipper._power = power.PowerStep(alone.operators, group=True)
-        measured["per-step, grouped convolutions"] = _measure(lambda: clipper.step, products, args.repeats * 5)
-        clipper._power = alone
+    # the same update with same-geometry convolutions run as one grouped convolution
+    clipper.tracker.group_convolutions = True
+    measured["per-step, grouped convolutions"] = _measure(lambda: clipper.step, products, args.repeats * 5)
+    clipper.tracker.group_convolutions = False
     saved_net, saved_clipper = copy.deepcopy(net.state_dict()), clipper.state_dict()
 
     def event() -> Callable[[], None]:
@@ -132,8 +131,8 @@ def _run_method(
         clipper.load_state_dict(saved_clipper)
 
         def run() -> None:  # what SpectralClipper.step does at a clip step
-            clipper._track_all()
-            clipper._clip_all(final=False)
+            clipper.track()
+            clipper.clip_event(final=False)
 
         return run
 

@@ -7,9 +7,11 @@ training-time controller (:class:`SpectralClipper`, for any training loop) and t
 """
 
 from lightning_specclip.callback import SpectralClipCallback
+from lightning_specclip.clip_event import ClipEvent, ClipReport
 from lightning_specclip.clipper import SpectralClipper
 from lightning_specclip.lipschitz import CertifiedAccuracy, LipschitzBound, UnsupportedNodeError, lipschitz_bound
 from lightning_specclip.methods import METHODS, ClipMethod
+from lightning_specclip.options import ClipperOptions, check_options
 from lightning_specclip.spectral import ImplicitLinear, PowerStep, Spectrum, gap_free_spectra, spectrum
 from lightning_specclip.spectral.clip import (
     ClipResult,
@@ -22,8 +24,11 @@ from lightning_specclip.spectral.clip import (
 __all__ = [
     "METHODS",
     "CertifiedAccuracy",
+    "ClipEvent",
     "ClipMethod",
+    "ClipReport",
     "ClipResult",
+    "ClipperOptions",
     "ImplicitLinear",
     "LipschitzBound",
     "NotLinearInWeightError",
@@ -33,6 +38,7 @@ __all__ = [
     "Spectrum",
     "UnsupportedNodeError",
     "check_clippable",
+    "check_options",
     "clip_spectral_norm_",
     "clip_spectral_norms_",
     "gap_free_spectra",

@@ -15,8 +15,10 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger  # 
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_specclip.clipper import SpectralClipper, check_options
-from lightning_specclip.targets import Selector, TrackedMap
+from lightning_specclip.clipper import SpectralClipper
+from lightning_specclip.options import ClipperOptions
+from lightning_specclip.selection import Selector
+from lightning_specclip.tracked_map import TrackedMap
 
 __all__ = ["SpectralClipCallback"]
 
@@ -50,7 +52,8 @@ class SpectralClipCallback(Callback):
     training batch; sanity-check validation does not count); see :class:`~lightning_specclip.SpectralClipper`.
 
     Args:
-        target: the spectral norm to clip to, or a mapping from module-name glob to target.
+        target: the spectral norm to clip to, or a mapping from module-name glob to target; default 1.0 (or the
+            target of ``options``).
         optimizer: the index (in ``trainer.optimizers``) of the optimizer whose steps drive the clipper, for
             manual optimization: with a GAN's ``optimizer=0`` and ``modules=["discriminator"]`` the
             discriminator is clipped right after its own steps, before the generator's step. Default: every
@@ -59,13 +62,11 @@ class SpectralClipCallback(Callback):
         log_every_n_steps: logging cadence in clipper steps; default the Trainer's.
         log_histograms: log the tracked values as histograms where the logger supports them (TensorBoard,
             Weights & Biases): ``spectral/sigma_per_layer``, and with ``k > 1`` ``spectral/<layer>/spectrum``.
-        **options: the options of :class:`~lightning_specclip.SpectralClipper`: ``modules``, ``exclude``,
-            ``method``, ``compose_batchnorm``, ``clip_batchnorm``, ``input_shapes``, ``clip_frozen``,
-            ``warmup_iters``, ``iters_per_step``, ``track_every_n_steps``, ``k``, ``every_n_steps``,
-            ``start_step``.
+        options: the clipper's options as one object; ``target`` and ``**kwargs`` then replace those they name.
+        **kwargs: the clipper's other options by name (the fields of :class:`~lightning_specclip.ClipperOptions`).
 
     Attributes:
-        options: the clipper's options, checked (the method a :class:`~lightning_specclip.ClipMethod`).
+        options: the clipper's options, checked (:class:`~lightning_specclip.ClipperOptions`).
         clipper: the clipper of the current (or last) fit; ``None`` before the first.
 
     Raises:
@@ -83,16 +84,17 @@ class SpectralClipCallback(Callback):
 
     def __init__(
         self,
-        target: float | Mapping[str, float] = 1.0,
+        target: float | Mapping[str, float] | None = None,
         *,
         optimizer: int | None = None,
         clip_on_train_end: bool = True,
         log_every_n_steps: int | None = None,
         log_histograms: bool = True,
-        **options: Any,
+        options: ClipperOptions | None = None,
+        **kwargs: Any,
     ) -> None:
         try:
-            self.options: dict[str, Any] = check_options(target, **options)
+            self.options = ClipperOptions.of(options, target, **kwargs)
         except TypeError as err:
             raise TypeError(f"SpectralClipCallback: {err} (the options are those of SpectralClipper)") from err
         except ValueError as err:
@@ -123,7 +125,8 @@ class SpectralClipCallback(Callback):
                 return None
             return [s if isinstance(s, str) else f"{s.__module__}.{s.__qualname__}" for s in selectors]
 
-        return self._generate_state_key(modules=name(self.options["modules"]), exclude=name(self.options["exclude"]))
+        selection = {"modules": name(self.options.modules), "exclude": name(self.options.exclude)}
+        return self._generate_state_key(**selection)
 
     # ------------------------------------------------------------------ what the clipper knows
     @property
@@ -167,8 +170,15 @@ class SpectralClipCallback(Callback):
             Spectral norms (method=fastclip): nothing tracked before the first fit
         """
         if self.clipper is None:
-            return f"Spectral norms (method={self.options['method'].name}): nothing tracked before the first fit"
+            return f"Spectral norms (method={self.options.clip_method.name}): nothing tracked before the first fit"
         return self.clipper.summary()
+
+    @property
+    def _fit_clipper(self) -> SpectralClipper:
+        """The clipper of the fit that runs (made in ``setup``)."""
+        if self.clipper is None:
+            raise RuntimeError("SpectralClipCallback: no clipper before setup(stage='fit')")
+        return self.clipper
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -188,7 +198,7 @@ class SpectralClipCallback(Callback):
                 state = self.clipper.state_dict()
         self.clipper = None
         with _misconfiguration():
-            self.clipper = SpectralClipper(pl_module, **self.options)
+            self.clipper = SpectralClipper(pl_module, options=self.options)
         if state is not None:
             self.clipper.load_state_dict(state)
         self._model = weakref.ref(pl_module)
@@ -197,13 +207,13 @@ class SpectralClipCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Count steps from where this fit starts, or hook the clipper onto the optimizer that drives it."""
         if self.optimizer is None:
-            self.clipper.num_steps = trainer.global_step
+            self._fit_clipper.num_steps = trainer.global_step
         elif self.optimizer >= len(trainer.optimizers):
             raise MisconfigurationException(
                 f"SpectralClipCallback(optimizer={self.optimizer}): the model has {len(trainer.optimizers)} optimizers"
             )
         else:
-            self.clipper.attach(trainer.optimizers[self.optimizer])
+            self._fit_clipper.attach(trainer.optimizers[self.optimizer])
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -211,13 +221,13 @@ class SpectralClipCallback(Callback):
         """Add the method's penalty gradient (``gram``) before the step of the optimizer that drives the clipper."""
         if self.optimizer is None or optimizer is trainer.optimizers[self.optimizer]:
             with _misconfiguration():
-                self.clipper.penalize()
+                self._fit_clipper.penalize()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """After an optimizer step: step the clipper (clipping on schedule, and before the fit ends); log."""
-        clipper = self.clipper
+        clipper = self._fit_clipper
         ends = self.clip_on_train_end and self._fit_ends(trainer, batch_idx)
         with _misconfiguration():
             if self.optimizer is None and trainer.global_step > clipper.num_steps:
@@ -225,7 +235,7 @@ class SpectralClipCallback(Callback):
                 clipper.step(final=ends)
             elif ends and clipper.dirty:
                 clipper.clip()
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]  # set at runtime
         scheduled = clipper.num_steps % every == 0
         due = scheduled or not clipper.dirty  # on the logging schedule, or just clipped
         if clipper.num_steps != self._logged_step and scheduled:
@@ -269,15 +279,17 @@ class SpectralClipCallback(Callback):
             return
         prefix = type(self).__qualname__
         ours = [key for key in states if isinstance(key, str) and key.startswith(prefix)]
-        siblings = [c for c in trainer.callbacks if isinstance(c, SpectralClipCallback)]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set at runtime by the callback connector
+        siblings = [c for c in callbacks if isinstance(c, SpectralClipCallback)]
         if len(ours) == 1 and len(siblings) == 1:
             rank_zero_info(f"SpectralClipCallback: resuming from the state saved as {ours[0]!r} (another selection)")
             self.load_state_dict(states[ours[0]])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Clip if the weights moved since the last clip (a stop this callback did not foresee); print a summary."""
-        if self.clip_on_train_end and self.clipper.dirty and self.clipper.maps:
-            self.clipper.clip()
+        clipper = self._fit_clipper
+        if self.clip_on_train_end and clipper.dirty and clipper.maps:
+            clipper.clip()
         rank_zero_info(self.summary())
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -304,7 +316,7 @@ class SpectralClipCallback(Callback):
     def _log(self, trainer: pl.Trainer) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
             return
-        spectra = self.clipper.spectra
+        spectra = self._fit_clipper.spectra
         metrics: dict[str, float] = {}
         for name, values in spectra.items():
             metrics[f"spectral/{name}/sigma"] = float(values[0])
@@ -320,7 +332,8 @@ class SpectralClipCallback(Callback):
 
                 # In the scalars' row, at their `trainer/global_step` (the logger's step metric): wandb's own step
                 # counts log calls, so `experiment.log(..., step=global_step)` lands in other steps' rows or is dropped.
-                logger.log_metrics({**metrics, **{k: wandb.Histogram(v.tolist()) for k, v in histograms.items()}}, step)
+                media = {k: wandb.Histogram(v.tolist()) for k, v in histograms.items()}
+                logger.log_metrics({**metrics, **media}, step)  # type: ignore[dict-item]  # wandb takes media as values
                 continue
             logger.log_metrics(metrics, step=step)
             if isinstance(logger, TensorBoardLogger):
@@ -334,7 +347,7 @@ class SpectralClipCallback(Callback):
         if not any(isinstance(logger, TensorBoardLogger | WandbLogger) for logger in loggers):
             return {}
         histograms = {"spectral/sigma_per_layer": torch.tensor([v for k, v in metrics.items() if k.endswith("/sigma")])}
-        if self.options["k"] > 1:
+        if self.options.k > 1:
             histograms.update({f"spectral/{name}/spectrum": v.detach().float().cpu() for name, v in spectra.items()})
         return histograms
 

@@ -261,7 +261,7 @@ def test_a_target_pattern_shadowed_by_an_earlier_one_is_said():
     net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     with pytest.warns(UserWarning, match=r"target pattern '0' sets no layer's target.*earlier pattern \('\*'\)"):
         clipper = SpectralClipper(net, {"*": 1.0, "0": 0.5})
-    assert [clipper.target_of(m) for m in clipper._layers] == [1.0, 1.0]
+    assert [clipper.target_of(m) for m in clipper.map_set.layers] == [1.0, 1.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SpectralClipper(net, {"0": 0.5, "*": 1.0})  # specific first: no warning

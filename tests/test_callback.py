@@ -153,7 +153,7 @@ def _record_steps(monkeypatch: pytest.MonkeyPatch, method: str) -> list[int]:
 
 
 def test_acts_only_after_optimizer_steps_with_accumulation(monkeypatch):
-    calls = _record_steps(monkeypatch, "_track_all")
+    calls = _record_steps(monkeypatch, "track")
     callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=5)
     trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[callback]).fit(Classifier(small_cnn()), loader(n=64))
     assert calls == [1, 2, 3]  # after each of 3 optimizer steps (not 6 batches); step 3 is also the final clip
@@ -161,7 +161,7 @@ def test_acts_only_after_optimizer_steps_with_accumulation(monkeypatch):
 
 
 def test_track_every_n_steps_skips_updates(monkeypatch):
-    calls = _record_steps(monkeypatch, "_track_all")
+    calls = _record_steps(monkeypatch, "track")
     callback = SpectralClipCallback(
         1.0, every_n_steps=100, warmup_iters=5, track_every_n_steps=2, clip_on_train_end=False
     )
@@ -170,7 +170,7 @@ def test_track_every_n_steps_skips_updates(monkeypatch):
 
 
 def test_no_second_clip_at_train_end_when_the_last_step_just_clipped(monkeypatch):
-    steps = _record_steps(monkeypatch, "_clip_all")
+    steps = _record_steps(monkeypatch, "clip_event")
 
     def clip_steps(every_n_steps: int) -> list[int]:
         steps.clear()

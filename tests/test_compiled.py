@@ -87,7 +87,7 @@ def test_two_compiled_models_of_one_class_in_trainers_one_after_the_other():
 def test_a_layer_that_ran_without_its_shape_recorded_is_said(monkeypatch):
     net = Fold()
     clipper = SpectralClipper(net, 1.0)
-    clipper._recorder.remove()  # as if compiled code had skipped the recording hooks
+    clipper.map_set.recorder.remove()  # as if compiled code had skipped the recording hooks
     net(torch.rand(2, 1, 8, 8)).sum().backward()
     with pytest.warns(UserWarning, match=r"ran in training but its input shape was not recorded.*conv1, conv2"):
         clipper.step()

@@ -6,18 +6,19 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
 from lightning_specclip.spectral.spectrum import spectrum
-from lightning_specclip.targets import TrackedMap
+from lightning_specclip.tracked_map import TrackedMap, known_shape
 
 __all__ = ["ClipMethod", "NoClip", "measured_result"]
 
 
 def measured_result(
     tracked: TrackedMap,
-    value: float,
+    target: float,
     before: float,
     estimate: float,
     changed: bool,
@@ -36,27 +37,27 @@ def measured_result(
 
     Args:
         tracked: the clipped map, with its input shape.
-        value: the clip value.
+        target: the spectral norm clipped to.
         before: the method's estimate before the clip (it decided whether the method wrote).
         estimate: the method's own estimate after the clip.
         changed: whether the method wrote the weights.
         init: vectors to warm-start from, ``(j, *input_shape)`` (e.g. the clipper's tracked ones); ``j``
             vectors are measured (one when ``None`` or of another shape).
-        tol: relative tolerance of ``converged`` (``after ≤ value·(1 + tol)``).
+        tol: relative tolerance of ``converged`` (``after ≤ target·(1 + tol)``).
 
     Returns:
         ClipResult: ``rounds=1`` if ``changed`` else 0, ``converged`` from the measured ``after``.
 
     Example:
         >>> import torch
-        >>> from lightning_specclip.targets import TrackedMap
+        >>> from lightning_specclip.tracked_map import TrackedMap, known_shape
         >>> lin = torch.nn.Linear(4, 3)
         >>> t = TrackedMap("lin", "layer", lin, lin, input_shape=(4,))
         >>> r = measured_result(t, 10.0, 0.9, 0.9, False)
         >>> r.changed, abs(r.after - torch.linalg.matrix_norm(lin.weight.double(), 2).item()) < 1e-4
         (False, True)
     """
-    shape = tuple(tracked.input_shape)
+    shape = tuple(known_shape(tracked))
     if init is not None and tuple(init.shape[1:]) != shape:
         init = None
     k = 1 if init is None else max(1, min(init.shape[0], math.prod(shape)))
@@ -65,9 +66,9 @@ def measured_result(
     return ClipResult(
         before,
         after,
-        value,
+        target,
         1 if changed else 0,
-        after <= value * (1 + tol),
+        after <= target * (1 + tol),
         spectrum=fresh,
         changed=changed,
         estimate=estimate,
@@ -94,10 +95,13 @@ class ClipMethod:
     name: ClassVar[str] = ""
     #: target kinds the method can clip (``"layer"``, ``"composition"``); BatchNorm is handled by all.
     kinds: ClassVar[tuple[str, ...]] = ("layer",)
-    #: whether a clip lands within ``tol`` of the target on every map it supports; the clipper then checks
-    #: every map of a clipped layer afterwards and clips again (finally by rescaling) what is still above.
-    exact: ClassVar[bool] = False
-    #: relative tolerance of an exact method's clip
+    #: clip passes of one clip event (:meth:`clip_pass_`): after each pass the maps still above their target
+    #: (by more than ``tol / 2``) are clipped again by the next. An exact method (FastClip) takes several: a clip of
+    #: one map of a layer moves the layer's other maps (other input shapes, its conv∘BN composition).
+    passes: ClassVar[int] = 1
+    #: whether the method only tracks (never clips nor penalizes): no target applies, nothing is refused
+    track_only: ClassVar[bool] = False
+    #: relative tolerance of a clip
     tol: float = 1e-2
 
     def supports(self, tracked: TrackedMap) -> bool:
@@ -120,13 +124,13 @@ class ClipMethod:
         """
 
     def clip_(
-        self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None
+        self, tracked: TrackedMap, target: float, state: dict[str, Tensor], init: Tensor | None
     ) -> ClipResult | None:
-        """Clip ``tracked`` to ``value`` in place; ``None`` if the method does not clip (tracking, regularizer).
+        """Clip ``tracked`` to ``target`` in place; ``None`` if the method does not clip (tracking, regularizer).
 
         Args:
             tracked: the map, with its input shape known.
-            value: the spectral norm to clip to.
+            target: the spectral norm to clip to.
             state: the map's persistent tensors, updated in place.
             init: the tracked top right singular vectors of the map (a warm start), if any.
 
@@ -142,7 +146,7 @@ class ClipMethod:
         each in turn. A method that can do them together (FastClip measures them in lock-step) overrides it.
 
         Args:
-            items: ``(tracked, value, state, init)`` per map, as :meth:`clip_` takes them.
+            items: ``(tracked, target, state, init)`` per map, as :meth:`clip_` takes them.
 
         Returns:
             list[ClipResult | None]: per map, in order, what :meth:`clip_` returns.
@@ -153,24 +157,79 @@ class ClipMethod:
         """
         return [self.clip_(*item) for item in items]
 
-    def clip_batchnorm_(self, tracked: TrackedMap, value: float) -> ClipResult | None:
-        """Clamp a BatchNorm map: ``|γᵢ|/√(varᵢ+ε) ≤ value`` (exact).
+    def clip_pass_(
+        self, items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]], index: int
+    ) -> list[ClipResult | None]:
+        """Pass ``index`` (from 0, below :attr:`passes`) of a clip event over maps that share no parameter; default
+        :meth:`clip_all_` in every pass. A method whose last resort differs (FastClip rescales) overrides it.
+
+        Args:
+            items: ``(tracked, target, state, init)`` per map, as :meth:`clip_` takes them.
+            index: which pass of the event this is.
+
+        Returns:
+            list[ClipResult | None]: per map, in order, what was done.
+
+        Example:
+            >>> NoClip().clip_pass_([], 0)
+            []
+        """
+        return self.clip_all_(items)
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether the method is a regularizer: it overrides :meth:`penalty` (``penalize()`` must then run
+        before every optimizer step).
+
+        Example:
+            >>> NoClip().penalizes
+            False
+        """
+        return type(self).penalty is not ClipMethod.penalty
+
+    def clip_batchnorm_(self, tracked: TrackedMap, target: float) -> ClipResult | None:
+        """Clamp a BatchNorm map: ``|γᵢ|/√(varᵢ+ε) ≤ target`` (exact).
 
         Args:
             tracked: a ``"batchnorm"`` map.
-            value: the bound.
+            target: the bound.
 
         Returns:
             ClipResult | None: what was done.
         """
-        return clip_spectral_norm_(tracked.module, value)
+        return clip_spectral_norm_(tracked.module, target)
 
-    def penalty(self, tracked: TrackedMap, value: float) -> Tensor | None:
+    def penalize_(self, tracked: TrackedMap, target: float) -> None:
+        """Add the gradient of :meth:`penalty` to the ``.grad`` of the map's trainable parameters (set it where
+        there is none); nothing for a method without a penalty.
+
+        Args:
+            tracked: the map, with its input shape known.
+            target: the target spectral norm.
+
+        Example:
+            >>> NoClip().penalize_(None, 1.0)  # no penalty: nothing to add
+        """
+        penalty = self.penalty(tracked, target)
+        if penalty is None:
+            return
+        params = [p for p in tracked.module.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(penalty, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.grad.add_(g.to(p.grad.dtype))
+
+    def penalty(self, tracked: TrackedMap, target: float) -> Tensor | None:
         """A differentiable penalty on the weights to add to the loss's gradient; default none.
 
         Args:
             tracked: the map, with its input shape known.
-            value: the target spectral norm.
+            target: the target spectral norm.
 
         Returns:
             Tensor | None: a scalar, or ``None``.
@@ -188,13 +247,14 @@ class NoClip(ClipMethod):
 
     name: ClassVar[str] = "none"
     kinds: ClassVar[tuple[str, ...]] = ("layer", "composition")
+    track_only: ClassVar[bool] = True
 
-    def clip_batchnorm_(self, tracked: TrackedMap, value: float) -> ClipResult | None:
+    def clip_batchnorm_(self, tracked: TrackedMap, target: float) -> ClipResult | None:
         """Leave the BatchNorm alone (track only).
 
         Args:
             tracked: a ``"batchnorm"`` map.
-            value: ignored.
+            target: ignored.
 
         Returns:
             None: nothing is clipped.

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_specclip.methods.base import ClipMethod
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norms_
-from lightning_specclip.targets import TrackedMap
+from lightning_specclip.tracked_map import TrackedMap
 
 __all__ = ["FastClip"]
 
@@ -41,7 +41,8 @@ class FastClip(ClipMethod):
 
     name: ClassVar[str] = "fastclip"
     kinds: ClassVar[tuple[str, ...]] = ("layer", "composition")
-    exact: ClassVar[bool] = True
+    #: least-squares clips, a second one of what the first left above its target, then a rescale (:meth:`clip_pass_`)
+    passes: ClassVar[int] = 3
 
     def __init__(self, max_rounds: int = 1, block_size: int = 1, tol: float = 1e-2) -> None:
         if max_rounds < 0 or block_size < 1 or not tol > 0:
@@ -50,19 +51,21 @@ class FastClip(ClipMethod):
         self.block_size = block_size
         self.tol = tol
 
-    def clip_(self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
-        """Clip ``tracked`` to ``value`` (see :func:`~lightning_specclip.clip_spectral_norm_`).
+    def clip_(
+        self, tracked: TrackedMap, target: float, state: dict[str, Tensor], init: Tensor | None
+    ) -> ClipResult | None:
+        """Clip ``tracked`` to ``target`` (see :func:`~lightning_specclip.clip_spectral_norm_`).
 
         Args:
             tracked: a layer or composition map with its input shape.
-            value: the spectral norm to clip to.
+            target: the spectral norm to clip to.
             state: unused (the warm start comes from ``init``).
             init: the tracked top right singular vectors.
 
         Returns:
-            ClipResult: what was done.
+            ClipResult | None: what was done.
         """
-        return self.clip_all_([(tracked, value, state, init)])[0]
+        return self.clip_all_([(tracked, target, state, init)])[0]
 
     def clip_all_(
         self, items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]]
@@ -71,7 +74,7 @@ class FastClip(ClipMethod):
         (:func:`~lightning_specclip.spectral.clip.clip_spectral_norms_`).
 
         Args:
-            items: ``(tracked, value, state, init)`` per map.
+            items: ``(tracked, target, state, init)`` per map.
 
         Returns:
             list[ClipResult | None]: per map, in order, what was done.
@@ -86,11 +89,45 @@ class FastClip(ClipMethod):
         return list(
             clip_spectral_norms_(
                 [m.module for m, *_ in items],
-                [value for _, value, *_ in items],
+                [target for _, target, *_ in items],
                 [m.input_shape for m, *_ in items],
                 spectra=[init for *_, init in items],
                 max_rounds=self.max_rounds,
                 block_size=self.block_size,
+                tol=self.tol,
+            )
+        )
+
+    def clip_pass_(
+        self, items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]], index: int
+    ) -> list[ClipResult | None]:
+        """Pass ``index`` of a clip event: :meth:`clip_all_`, and in the last pass the exact rescale alone (the
+        weights scaled onto the targets, which lowers every map of a layer by the same factor, so that each one
+        lands at or below its target).
+
+        Args:
+            items: ``(tracked, target, state, init)`` per map.
+            index: which pass (from 0, below :attr:`passes`).
+
+        Returns:
+            list[ClipResult | None]: per map, in order, what was done.
+
+        Example:
+            >>> from torch import nn
+            >>> lin = nn.Linear(4, 4)
+            >>> item = (TrackedMap("lin", "layer", lin, lin, (4,)), 0.5, {}, None)
+            >>> [round(r.after, 3) for r in FastClip().clip_pass_([item], 2)]  # the last pass: a rescale
+            [0.5]
+        """
+        if index < self.passes - 1:
+            return self.clip_all_(items)
+        return list(
+            clip_spectral_norms_(
+                [m.module for m, *_ in items],
+                [target for _, target, *_ in items],
+                [m.input_shape for m, *_ in items],
+                spectra=[init for *_, init in items],
+                max_rounds=0,
                 tol=self.tol,
             )
         )
