@@ -6,7 +6,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -111,7 +111,7 @@ def check_declared(name: str, declared: object, actual: object) -> None:
     if declared is None:
         return
     if isinstance(actual, tuple):
-        declared = tuple(int(v) for v in declared)  # type: ignore[union-attr]
+        declared = tuple(int(v) for v in cast(Iterable[Any], declared))
     if declared != actual:
         raise ValueError(f"{name}={declared} was declared but the dataset has {name}={actual}")
 

@@ -33,7 +33,7 @@ dividing the weight by it does not give a layer of spectral norm 1.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -259,7 +259,10 @@ class Miyato(ClipMethod):
             state: holds ``"u"``.
         """
         _, state["u"] = miyato_sigma(
-            tracked.module.weight, 1, state.get("u"), dim=1 if isinstance(tracked.module, _ConvTransposeNd) else 0
+            cast(Tensor, tracked.module.weight),
+            1,
+            state.get("u"),
+            dim=1 if isinstance(tracked.module, _ConvTransposeNd) else 0,
         )
 
     def clip_(self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:

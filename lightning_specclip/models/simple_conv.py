@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -67,7 +68,7 @@ class SimpleConv(nn.Module):
         batchnorm: bool = False,
         stride: int = 1,
         padding: int | None = None,
-        padding_mode: str = "zeros",
+        padding_mode: Literal["zeros", "reflect", "replicate", "circular"] = "zeros",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
