@@ -15,7 +15,8 @@ from lightning_specclip.attacks import RobustAccuracy
 
 __all__ = ["ImageClassifier"]
 
-AttackFactory = Callable[[nn.Module], Any]
+#: builds an attack on a model, called as ``factory(model=net)`` (a ``functools.partial`` of a torchattacks class)
+AttackFactory = Callable[..., Any]
 
 
 class ImageClassifier(pl.LightningModule):
@@ -111,7 +112,8 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """SGD (or Adam) with an optional cosine schedule."""
-        hp = self.hparams
+        hp: Any = self.hparams  # an AttributeDict of the arguments saved by save_hyperparameters
+        opt: torch.optim.Optimizer
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
