@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_specclip.spectral.certify import DENSE_LIMIT
 from lightning_specclip.spectral.clip import batchnorm_scale
 from lightning_specclip.spectral.exact import dense_spectral_norm, lanczos_singular_values
 from lightning_specclip.spectral.operator import eval_mode
@@ -37,9 +38,6 @@ __all__ = [
     "input_shapes",
     "spectral_norms",
 ]
-
-#: Operators with at most this many inputs get a dense SVD; larger ones ARPACK.
-DENSE_LIMIT = 2048
 
 
 def input_shapes(model: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import lightning_specclip.spectral.clip as clip_module
 from lightning_specclip import ImplicitLinear, clip_spectral_norm_, spectrum
-from lightning_specclip.spectral.clip import batchnorm_scale
+from lightning_specclip.spectral.clip import batchnorm_scale, dense, iterative, lockstep
 from lightning_specclip.spectral.exact import dense_singular_values
 
 TARGET = 0.7
@@ -372,7 +371,7 @@ def _big_conv():
 def test_nan_from_least_squares_rolls_back(monkeypatch, make) -> None:
     module = make()
     snap = _snapshot(module)
-    real = clip_module._cgls
+    real = iterative._cgls
     calls = []
 
     def nan_on_second_round(*args, **kwargs):
@@ -380,7 +379,7 @@ def test_nan_from_least_squares_rolls_back(monkeypatch, make) -> None:
         delta = real(*args, **kwargs)
         return delta if len(calls) < 2 else torch.full_like(delta, math.nan)
 
-    monkeypatch.setattr(clip_module, "_cgls", nan_on_second_round)
+    monkeypatch.setattr(iterative, "_cgls", nan_on_second_round)
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_spectral_norm_(module, TARGET, (4, 8, 8))
     assert len(calls) == 2  # it failed mid-way, after one good round
@@ -394,7 +393,7 @@ def test_exception_from_least_squares_rolls_back(monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(clip_module, "_cgls", boom)
+    monkeypatch.setattr(iterative, "_cgls", boom)
     with pytest.raises(RuntimeError, match="boom"):
         clip_spectral_norm_(module, TARGET, (4, 8, 8))
     assert _unchanged(module, snap)
@@ -403,8 +402,8 @@ def test_exception_from_least_squares_rolls_back(monkeypatch) -> None:
 def test_overflowing_least_squares_rolls_back(monkeypatch) -> None:
     module = _big_conv()
     snap = _snapshot(module)
-    real = clip_module._cgls
-    monkeypatch.setattr(clip_module, "_cgls", lambda *a, **k: torch.full_like(real(*a, **k), 1e38))
+    real = iterative._cgls
+    monkeypatch.setattr(iterative, "_cgls", lambda *a, **k: torch.full_like(real(*a, **k), 1e38))
     with pytest.raises(RuntimeError):  # non-finite weights, or the eigensolver failing on them
         clip_spectral_norm_(module, TARGET, (4, 8, 8))
     assert _unchanged(module, snap)
@@ -424,8 +423,8 @@ def _raise_at_every_spectrum_call(monkeypatch, make, shape) -> list[int]:
 
         return counted
 
-    monkeypatch.setattr(clip_module, "spectrum", counting(clip_module.spectrum))
-    monkeypatch.setattr(clip_module, "gap_free_spectra", counting(clip_module.gap_free_spectra))
+    monkeypatch.setattr(iterative, "spectrum", counting(iterative.spectrum))
+    monkeypatch.setattr(lockstep, "gap_free_spectra", counting(lockstep.gap_free_spectra))
     clip_spectral_norm_(make(), TARGET, shape, max_rounds=2)  # 2 rounds: fewer calls, still a mid-way failure
     total = counter["calls"]
     assert total >= 3
@@ -461,10 +460,10 @@ def test_dense_and_batchnorm_paths_roll_back(monkeypatch) -> None:
         lin.weight.mul_(10)
         bn.weight.mul_(10)
     snaps = _snapshot(lin), _snapshot(bn)
-    monkeypatch.setattr(clip_module, "_clip_values", lambda values, *a: torch.full_like(values, math.nan))
+    monkeypatch.setattr(dense, "clip_values", lambda values, *a: torch.full_like(values, math.nan))
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_spectral_norm_(lin, 0.5)
-    monkeypatch.setattr(clip_module, "batchnorm_scale", lambda b: torch.full((3,), math.nan))
+    monkeypatch.setattr(dense, "batchnorm_scale", lambda b: torch.full((3,), math.nan))
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_spectral_norm_(bn, 0.5)
     assert _unchanged(lin, snaps[0]) and _unchanged(bn, snaps[1])

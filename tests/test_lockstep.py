@@ -140,7 +140,7 @@ def test_a_layer_run_at_two_sizes_is_clipped_in_order_and_holds_both_bounds() ->
 def test_closed_form_weight_products_are_the_autograd_ones(make, shape) -> None:
     """The least-squares rounds move a plain conv's weight with direct kernel calls; they are the map ``Δ ↦ A_Δ V``
     and its adjoint that autograd would give."""
-    from lightning_specclip.spectral.clip import _weight_products
+    from lightning_specclip.spectral.clip.iterative import _weight_products
 
     torch.manual_seed(0)
     conv = make()
@@ -179,7 +179,7 @@ def _dense_least_norm(A: ImplicitLinear, right: torch.Tensor, rhs: torch.Tensor)
 def test_cgls_iterated_to_the_end_is_the_least_norm_solution(make, shape, k) -> None:
     """Run to convergence, FastClip's least-squares step lands on the least-norm least-squares solution of the dense
     problem (float64 pseudo-inverse) and stays there: consistent (wide) systems and least-squares (tall) ones."""
-    from lightning_specclip.spectral.clip import _cgls
+    from lightning_specclip.spectral.clip.iterative import _cgls
 
     torch.manual_seed(0)
     A = ImplicitLinear(make().double(), shape, dtype=torch.float64)
@@ -193,7 +193,7 @@ def test_cgls_iterated_to_the_end_is_the_least_norm_solution(make, shape, k) -> 
 def test_cgls_stays_on_the_least_squares_solution_however_many_iterations(iters) -> None:
     """FastClip's least-squares step by CGLS in float32 (a reflect-padded conv): more iterations than it needs leave
     it on the solution (it used to drift off it: relative error 0.36 after 100 iterations, 1e15 after 300)."""
-    from lightning_specclip.spectral.clip import _cgls
+    from lightning_specclip.spectral.clip.iterative import _cgls
 
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 6, 3, padding=1, padding_mode="reflect")
@@ -207,7 +207,7 @@ def test_cgls_stays_on_the_least_squares_solution_however_many_iterations(iters)
 def test_rayleigh_ritz_of_one_warm_vector_is_its_gain() -> None:
     """The warm start of a clip: one product gives the value ``‖Av‖`` and the left vector ``Av/‖Av‖`` that a
     Rayleigh–Ritz step of the Krylov solver gives."""
-    from lightning_specclip.spectral.clip import _gain
+    from lightning_specclip.spectral.clip.iterative import _gain
 
     torch.manual_seed(0)
     A = ImplicitLinear(nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6))
@@ -221,7 +221,7 @@ def test_rayleigh_ritz_of_one_warm_vector_is_its_gain() -> None:
 def test_a_hooked_conv_is_moved_through_what_it_computes() -> None:
     """A forward hook can change what a conv computes: its least-squares rounds then go through the module (not the
     bare kernels), and the clip lands on the target of the hooked map."""
-    from lightning_specclip.spectral.clip import _weight_products
+    from lightning_specclip.spectral.clip.iterative import _weight_products
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1)

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from lightning_specclip import ImplicitLinear
 from lightning_specclip.spectral import eval_mode
+from lightning_specclip.spectral.closed_form import linear_adjoint, linear_part
 from lightning_specclip.spectral.exact import dense_matrix
-from lightning_specclip.spectral.operator import linear_adjoint, linear_part
 
 
 def _bn(bn: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrizations
 
 import lightning_specclip.spectral.clip as clip_module
 from lightning_specclip.methods import Gouk, Miyato, Senderovich
-from lightning_specclip.spectral.clip import NotLinearInWeightError, check_clippable, clip_spectral_norm_
+from lightning_specclip.spectral.clip import NotLinearInWeightError, check_clippable, clip_spectral_norm_, parametrized
 from lightning_specclip.spectral.exact import dense_singular_values
 from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.spectrum import spectrum
@@ -487,7 +487,7 @@ def test_write_back_that_does_not_read_back_restores_the_originals(monkeypatch, 
     shape = (3, 6, 6)
     snap = _snapshot(layer)
     before = _truth(layer, shape)
-    monkeypatch.setattr(clip_module, "_computed_weight", lambda layer: torch.zeros_like(layer.weight))
+    monkeypatch.setattr(parametrized, "_computed_weight", lambda layer: torch.zeros_like(layer.weight))
     with pytest.raises(RuntimeError, match="did not give it back"):
         clip_spectral_norm_(layer, 0.1 * before, shape)
     assert _unchanged(layer, snap)

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import ClassVar, NoReturn, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult, _positive_finite
-from lightning_specclip.targets import TrackedMap
+from lightning_specclip.tracked_map import TrackedMap, known_shape
 
 __all__ = ["SUPPORTED", "Gouk", "gouk_clip_", "gouk_sigma", "operator_pair"]
 
-SUPPORTED: tuple[type[nn.Module], ...] = (
+SUPPORTED = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
@@ -59,7 +60,7 @@ def _same_pads(kernel: Sequence[int], dilation: Sequence[int]) -> list[tuple[int
     return pads
 
 
-def _conv_pair(module: nn.Module, w: Tensor, input_shape: tuple[int, ...]) -> Pair:
+def _conv_pair(module: _ConvNd, w: Tensor, input_shape: tuple[int, ...]) -> Pair:
     """``A`` and ``Aᵀ`` of a zero-padded ``Conv{1,2,3}d`` on inputs ``(B, *input_shape)``."""
     d = w.dim() - 2
     stride, dilation, groups = tuple(module.stride), tuple(module.dilation), module.groups
@@ -99,15 +100,24 @@ def _conv_pair(module: nn.Module, w: Tensor, input_shape: tuple[int, ...]) -> Pa
     return lambda x: conv(F.pad(x, flat), w, None, stride, 0, dilation, groups), adjoint
 
 
-def _conv_transpose_pair(module: nn.Module, w: Tensor, input_shape: tuple[int, ...]) -> Pair:
+def _conv_transpose_pair(module: _ConvTransposeNd, w: Tensor, input_shape: tuple[int, ...]) -> Pair:
     """``A`` and ``Aᵀ`` of a ``ConvTranspose{1,2,3}d`` (zero padding is its only mode)."""
     d = w.dim() - 2
-    stride, padding, dilation = tuple(module.stride), tuple(module.padding), tuple(module.dilation)
+    stride, dilation = tuple(module.stride), tuple(module.dilation)
+    padding = tuple(cast(tuple[int, ...], module.padding))  # a transposed convolution refuses string paddings
     out_pad, groups = tuple(module.output_padding), module.groups
     conv, conv_t = _CONV[d], _CONV_T[d]
     return (
         lambda x: conv_t(x, w, None, stride, padding, out_pad, groups, dilation),
         lambda y: conv(y, w, None, stride, padding, dilation, groups),
+    )
+
+
+def _unsupported(module: nn.Module) -> NoReturn:
+    names = ", ".join(t.__name__ for t in SUPPORTED)
+    raise TypeError(
+        f"gouk_sigma supports {names}; got {type(module).__name__} (use lightning_specclip.spectrum for "
+        f"any other affine module)"
     )
 
 
@@ -134,11 +144,7 @@ def operator_pair(module: nn.Module, input_shape: Sequence[int], dtype: torch.dt
         True
     """
     if not isinstance(module, SUPPORTED):
-        names = ", ".join(t.__name__ for t in SUPPORTED)
-        raise TypeError(
-            f"gouk_sigma supports {names}; got {type(module).__name__} (use lightning_specclip.spectrum for "
-            f"any other affine module)"
-        )
+        _unsupported(module)
     shape = tuple(int(s) for s in input_shape)
     weight = module.weight.detach()
     w = weight.to(dtype or _compute_dtype(weight))
@@ -153,7 +159,7 @@ def operator_pair(module: nn.Module, input_shape: Sequence[int], dtype: torch.dt
             f"input_shape={shape} does not fit {type(module).__name__}: expected (in_channels={c_in}, "
             f"{d} spatial sizes)"
         )
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if isinstance(module, _ConvTransposeNd):
         return _conv_transpose_pair(module, w, shape)
     return _conv_pair(module, w, shape)
 
@@ -207,6 +213,8 @@ def gouk_sigma(
     """
     if not (isinstance(n_iter, int) and n_iter >= 0):
         raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
+    if not isinstance(module, SUPPORTED):
+        _unsupported(module)
     forward, adjoint = operator_pair(module, input_shape)
     weight = module.weight
     dtype, device = _compute_dtype(weight), weight.device
@@ -307,7 +315,7 @@ def gouk_clip_(
     """
     target = _positive_finite(target)
     if not isinstance(module, SUPPORTED):
-        operator_pair(module, input_shape)  # raises the TypeError that lists the supported layers
+        _unsupported(module)
     weight = module.weight
     if not torch.isfinite(weight.detach()).all():
         raise ValueError("the layer's weight holds NaN or inf; refusing to clip it (the weight was not modified)")
@@ -362,7 +370,7 @@ class Gouk(ClipMethod):
             tracked: a layer map with its input shape.
             state: holds ``"u"``.
         """
-        _, state["u"] = gouk_sigma(tracked.module, tracked.input_shape, 1, state.get("u"))
+        _, state["u"] = gouk_sigma(tracked.module, known_shape(tracked), 1, state.get("u"))
 
     def clip_(self, tracked: TrackedMap, value: float, state: dict[str, Tensor], init: Tensor | None) -> ClipResult:
         """``W ← W / max(1, σ/value)`` with the power-iteration estimate ``σ``.
@@ -379,6 +387,6 @@ class Gouk(ClipMethod):
             padding other than zeros it can be well above ``value``); ``changed`` whether the weight was divided.
         """
         before, estimate, state["u"] = gouk_clip_(
-            tracked.module, value, tracked.input_shape, self.n_iter_clip, state.get("u")
+            tracked.module, value, known_shape(tracked), self.n_iter_clip, state.get("u")
         )
         return measured_result(tracked, value, before, estimate, before > value, init)

@@ -28,8 +28,10 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_specclip.methods.base import ClipMethod
-from lightning_specclip.spectral.exact import _conv_geometry, _ints, circular_frequency_matrices
-from lightning_specclip.targets import TrackedMap
+from lightning_specclip.spectral.conv import conv_geometry as _conv_geometry
+from lightning_specclip.spectral.conv import ints as _ints
+from lightning_specclip.spectral.exact import circular_frequency_matrices
+from lightning_specclip.tracked_map import TrackedMap, known_shape
 
 __all__ = ["PADDING_MODES", "GramRegularizer", "gram_iteration_bound", "gram_regularizer"]
 
@@ -258,9 +260,11 @@ class GramRegularizer(ClipMethod):
         if isinstance(module, nn.Linear):
             sigma = torch.linalg.matrix_norm(module.weight.float(), ord=2)
             return self.weight * torch.relu(sigma - value) ** 2
+        # supports() admitted only Linear and numerically padded convolutions (not transposed)
+        assert isinstance(module, _ConvNd) and not isinstance(module.padding, str)
         return self.weight * gram_regularizer(
             module.weight,
-            tracked.input_shape[1:],
+            known_shape(tracked)[1:],
             value,
             self.n_iter,
             stride=module.stride,

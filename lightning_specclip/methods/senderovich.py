@@ -21,8 +21,9 @@ from torch.nn.modules.conv import _ConvNd
 
 from lightning_specclip.methods.base import ClipMethod, measured_result
 from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norm_
-from lightning_specclip.spectral.exact import _conv_geometry, circular_frequency_matrices
-from lightning_specclip.targets import TrackedMap
+from lightning_specclip.spectral.conv import conv_geometry as _conv_geometry
+from lightning_specclip.spectral.exact import circular_frequency_matrices
+from lightning_specclip.tracked_map import TrackedMap, known_shape
 
 __all__ = ["Senderovich", "senderovich_clip_"]
 
@@ -197,5 +198,5 @@ class Senderovich(ClipMethod):
         """
         if isinstance(tracked.module, nn.Linear):
             return clip_spectral_norm_(tracked.module, value)
-        before, estimate = senderovich_clip_(tracked.module, value, tracked.input_shape[1:])
+        before, estimate = senderovich_clip_(tracked.module, value, known_shape(tracked)[1:])
         return measured_result(tracked, value, before, estimate, before > value, init)

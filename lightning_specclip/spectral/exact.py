@@ -20,6 +20,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import Tensor
 
+from lightning_specclip.spectral.conv import conv_geometry
 from lightning_specclip.spectral.operator import ImplicitLinear, Op
 
 __all__ = [
@@ -120,45 +121,6 @@ def dense_spectral_norm(op: Op | ImplicitLinear, input_shape: Sequence[int] | No
 # Circular convolutions: block diagonalisation by the DFT
 
 
-def _ints(value: int | Sequence[int], d: int, name: str) -> tuple[int, ...]:
-    """Broadcast an int or check a sequence of ``d`` ints (a stride, a dilation, an input size)."""
-    out = (int(value),) * d if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(out) != d:
-        raise ValueError(f"{name} must be an int or a sequence of {d} ints for a {d}-D kernel, got {value}")
-    return out
-
-
-def _conv_geometry(
-    weight: Tensor,
-    input_size: int | Sequence[int],
-    stride: int | Sequence[int],
-    dilation: int | Sequence[int],
-    groups: int,
-) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Validate the arguments shared by the circular-convolution helpers; return ``d, n, s, dil``."""
-    if not isinstance(weight, Tensor) or weight.dim() < 3:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(
-            f"weight must be a convolution kernel (c_out, c_in / groups, k_1, ..., k_d) with d >= 1, got {shape}"
-        )
-    d = weight.dim() - 2
-    n = _ints(input_size, d, "input_size")
-    s = _ints(stride, d, "stride")
-    dil = _ints(dilation, d, "dilation")
-    if any(v <= 0 for v in (*n, *s, *dil)) or groups <= 0:
-        raise ValueError(
-            f"input_size, stride, dilation and groups must be positive, got input_size={n}, stride={s}, "
-            f"dilation={dil}, groups={groups}"
-        )
-    if weight.shape[0] % groups:
-        raise ValueError(f"groups={groups} does not divide c_out={weight.shape[0]}")
-    if any(nj % sj for nj, sj in zip(n, s, strict=True)):
-        raise ValueError(
-            f"the stride must divide the input size for the circular block structure, got input_size={n}, stride={s}"
-        )
-    return d, n, s, dil
-
-
 def circular_frequency_matrices(
     weight: Tensor,
     input_size: int | Sequence[int],
@@ -206,7 +168,7 @@ def circular_frequency_matrices(
         >>> circular_frequency_matrices(w, (8, 8), stride=2).shape
         torch.Size([1, 4, 4, 4, 12])
     """
-    d, n, s, dil = _conv_geometry(weight, input_size, stride, dilation, groups)
+    d, n, s, dil = conv_geometry(weight, input_size, stride, dilation, groups)
     w = weight if weight.dtype in (torch.float32, torch.float64) else weight.float()
     kernel = w.shape[2:]
     # Wrap the (dilated) kernel onto the n-periodic grid: tap a sits at position a·dil mod n. A 0/1 matrix

@@ -9,254 +9,20 @@ of the operator).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_globals
 
-__all__ = [
-    "ImplicitLinear",
-    "LinearAdjoint",
-    "LinearPart",
-    "NotLinearInWeightError",
-    "eval_mode",
-    "linear_adjoint",
-    "linear_part",
-    "no_autocast",
-]
+from lightning_specclip.spectral.closed_form import linear_adjoint, linear_part
+from lightning_specclip.spectral.modes import eval_mode, no_autocast
+from lightning_specclip.spectral.probes import NotLinearInWeightError, probe_affine, probe_linear_in
+
+# NotLinearInWeightError, eval_mode and no_autocast: re-exported where the package has always offered them
+__all__ = ["ImplicitLinear", "NotLinearInWeightError", "Op", "eval_mode", "no_autocast"]
 
 Op = nn.Module | Callable[[Tensor], Tensor]
-# x ↦ A x of a module, computed from a mapping of its parameter and buffer names to the tensors to use
-LinearPart = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
-# y ↦ Aᵀ y, from the same mapping and the shape of one input of A (without the batch dimension)
-LinearAdjoint = Callable[[Tensor, Mapping[str, Tensor], tuple[int, ...]], Tensor]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = {
-    nn.ConvTranspose1d: F.conv_transpose1d,
-    nn.ConvTranspose2d: F.conv_transpose2d,
-    nn.ConvTranspose3d: F.conv_transpose3d,
-}
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# The rounding noise the linearity probes allow, in units of eps times the norm of the raw outputs involved.
-_NOISE = 32
-
-
-class NotLinearInWeightError(ValueError):
-    """A layer is affine in its input but not linear in the weight a clip would move (so it cannot be clipped).
-
-    Raised by :meth:`ImplicitLinear.check_linear_in`, :func:`~lightning_specclip.spectral.clip.check_clippable`
-    and :func:`~lightning_specclip.spectral.clip.clip_spectral_norm_` (before anything is written), e.g. for a
-    convolution that standardizes its weight in ``forward`` (timm's ``StdConv2d``). Such layers can be tracked.
-
-    Example:
-        >>> issubclass(NotLinearInWeightError, ValueError)
-        True
-    """
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode for the duration of the block, then restore each one's flag.
-
-    Args:
-        module: the module whose submodules are switched; its ``training`` flags are restored exactly,
-            also when the block raises.
-
-    Example:
-        >>> bn = nn.BatchNorm1d(3).train()
-        >>> with eval_mode(bn):
-        ...     bn.training
-        False
-        >>> bn.training
-        True
-    """
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-# The device types torch.autocast knows; an autocast region of any of them is turned off by no_autocast.
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-
-
-@contextmanager
-def no_autocast() -> Iterator[None]:
-    """Turn off every ``torch.autocast`` region the block runs in (the caller's mixed precision), and restore it.
-
-    Spectral math is exact only in the dtype it asks for: under autocast a convolution or a matrix product
-    would run in bfloat16 or float16, and mix those results with float32 vectors. Usable as a decorator too.
-
-    Example:
-        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
-        ...     with no_autocast():
-        ...         (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
-        torch.float32
-    """
-    active = [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
-    with contextlib.ExitStack() as stack:
-        for device in active:
-            stack.enter_context(torch.autocast(device, enabled=False))
-        yield
-
-
-def _hooked(module: nn.Module) -> bool:
-    """Whether forward hooks (the module's own or global ones) could change what the module computes."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or _module_globals._global_forward_hooks
-        or _module_globals._global_forward_pre_hooks
-    )
-
-
-def linear_part(module: nn.Module, prefix: str = "") -> LinearPart | None:
-    """The linear part ``x ↦ module(x) − module(0)`` (eval mode) of a standard layer, in closed form.
-
-    For ``Linear``, ``Conv*d`` (every padding mode), ``ConvTranspose*d``, ``BatchNorm*d`` with running
-    statistics, ``Identity``, and ``Sequential`` containers of these, the map is the layer's own functional
-    call without its bias: no ``op(0)`` to compute and subtract, and none of the overhead of swapping tensors
-    into the module. Only exact classes qualify (a subclass may override ``forward``), and only modules
-    without forward hooks; anything else returns ``None`` and is run as the module itself.
-
-    Args:
-        module: the module.
-        prefix: prefix of the module's tensor names in the mapping the returned function receives.
-
-    Returns:
-        LinearPart | None: ``f(x, tensors)`` computing ``A x`` from the named tensors, or ``None``.
-
-    Example:
-        >>> lin = nn.Linear(3, 2)
-        >>> part = linear_part(lin)
-        >>> torch.allclose(part(torch.eye(3), dict(lin.named_parameters())), lin.weight.T)
-        True
-    """
-    if _hooked(module):
-        return None
-    kind = type(module)
-    weight = prefix + "weight"
-    if kind is nn.Identity:
-        return lambda x, tensors: x
-    if kind is nn.Linear:
-        return lambda x, tensors: F.linear(x, tensors[weight])
-    if kind in _CONV:
-        return lambda x, tensors: module._conv_forward(x, tensors[weight], None)
-    if kind in _CONV_TRANSPOSE:
-        conv_t, m = _CONV_TRANSPOSE[kind], module
-        args = (m.stride, m.padding, m.output_padding, m.groups, m.dilation)
-        return lambda x, tensors: conv_t(x, tensors[weight], None, *args)
-    if kind in _BATCHNORM and module.running_var is not None:
-        var, affine, eps = prefix + "running_var", module.affine, module.eps
-
-        def batchnorm(x: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
-            module._check_input_dim(x)
-            scale = (tensors[var] + eps).rsqrt()
-            if affine:
-                scale = scale * tensors[weight]
-            return x * scale.view(1, -1, *[1] * (x.dim() - 2))
-
-        return batchnorm
-    if kind is nn.Sequential:
-        parts = [linear_part(child, f"{prefix}{name}.") for name, child in module.named_children()]
-        if any(part is None for part in parts):
-            return None
-
-        def chain(x: Tensor, tensors: Mapping[str, Tensor]) -> Tensor:
-            for part in parts:
-                x = part(x, tensors)
-            return x
-
-        return chain
-    return None
-
-
-def linear_adjoint(module: nn.Module, prefix: str = "") -> LinearAdjoint | None:
-    """The adjoint ``y ↦ Aᵀ y`` of :func:`linear_part`, in closed form: no autograd graph, no backward pass.
-
-    A convolution's adjoint is the kernel autograd would run for its input gradient
-    (``aten.convolution_backward``), a transposed convolution's is the plain convolution, ``Linear``'s is the
-    product with the weight, BatchNorm's is itself; a ``Sequential`` runs its children's adjoints in reverse.
-    Covered: what :func:`linear_part` covers, except convolutions whose padding is not zeros or is given as
-    ``"same"``, and transposed convolutions whose ``output_padding`` is not below the stride; for these (and
-    anything else) the result is ``None`` and the caller differentiates :func:`linear_part` instead.
-
-    Args:
-        module: the module.
-        prefix: prefix of the module's tensor names in the mapping the returned function receives.
-
-    Returns:
-        LinearAdjoint | None: ``f(y, tensors, input_shape)`` computing ``Aᵀ y`` for a batch ``y`` of outputs,
-        where ``input_shape`` is the shape of one input of ``A``; or ``None``.
-
-    Example:
-        >>> conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
-        >>> tensors = dict(conv.named_parameters())
-        >>> y = torch.randn(1, 3, 4, 4)
-        >>> x = torch.randn(1, 2, 8, 8)
-        >>> Aty = linear_adjoint(conv)(y, tensors, (2, 8, 8))
-        >>> torch.allclose((Aty * x).sum(), (y * linear_part(conv)(x, tensors)).sum(), atol=1e-4)
-        True
-    """
-    part = linear_part(module, prefix)
-    if part is None:
-        return None
-    kind = type(module)
-    weight = prefix + "weight"
-    if kind is nn.Identity or kind in _BATCHNORM:  # diagonal maps are their own adjoints
-        return lambda y, tensors, shape: part(y, tensors)
-    if kind is nn.Linear:
-        return lambda y, tensors, shape: y @ tensors[weight]
-    if kind in _CONV:
-        m = module
-        if m.padding_mode != "zeros" or m.padding == "same":
-            return None
-        dims = len(m.kernel_size)
-        padding = (0,) * dims if m.padding == "valid" else m.padding
-        args = (m.stride, padding, m.dilation, False, (0,) * dims, m.groups, (True, False, False))
-
-        def conv_adjoint(y: Tensor, tensors: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
-            x = y.new_empty(1).expand(y.shape[0], *shape)  # only its shape is read
-            return torch.ops.aten.convolution_backward(y, x, tensors[weight], None, *args)[0]
-
-        return conv_adjoint
-    if kind in _CONV_TRANSPOSE:
-        m = module
-        if any(op >= s for op, s in zip(m.output_padding, m.stride, strict=True)):
-            return None  # the plain convolution would produce more positions than the input has
-        conv = (F.conv1d, F.conv2d, F.conv3d)[len(m.kernel_size) - 1]
-        return lambda y, tensors, shape: conv(y, tensors[weight], None, m.stride, m.padding, m.dilation, m.groups)
-    # A Sequential: the children's adjoints in reverse, each given the shape of its own input.
-    children = [
-        (linear_part(child, f"{prefix}{name}."), linear_adjoint(child, f"{prefix}{name}."))
-        for name, child in module.named_children()
-    ]
-    if any(adjoint is None for _, adjoint in children):
-        return None
-    shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # input shape -> the input shape of every child
-
-    def chain_adjoint(y: Tensor, tensors: Mapping[str, Tensor], shape: tuple[int, ...]) -> Tensor:
-        if shape not in shapes:
-            x, inputs = torch.zeros((1, *shape), dtype=y.dtype, device=y.device), []
-            with torch.no_grad():
-                for forward, _ in children:
-                    inputs.append(tuple(x.shape[1:]))
-                    x = forward(x, tensors)
-            shapes[shape] = inputs
-        for (_, adjoint), child_shape in zip(reversed(children), reversed(shapes[shape]), strict=True):
-            y = adjoint(y, tensors, child_shape)
-        return y
-
-    return chain_adjoint
 
 
 def _float_dtype(op: Op, dtype: torch.dtype | None) -> torch.dtype:
@@ -412,7 +178,8 @@ class ImplicitLinear:
         if tensors is not None:
             assert isinstance(self.op, nn.Module)
             with eval_mode(self.op):
-                out = torch.func.functional_call(self.op, tensors, (x,))
+                # functional_call reads any mapping; its stubs ask for a dict
+                out = torch.func.functional_call(self.op, tensors, (x,))  # type: ignore[arg-type]
         else:
             out = self.op(x)
         if not isinstance(out, Tensor):
@@ -469,6 +236,16 @@ class ImplicitLinear:
         return self._adjoint is not None
 
     @property
+    def closed_part(self) -> bool:
+        """Whether ``A x`` runs in closed form (:func:`linear_part`; its adjoint may not: see :attr:`closed_form`).
+
+        Example:
+            >>> ImplicitLinear(nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (2, 8, 8)).closed_part
+            True
+        """
+        return self._part is not None
+
+    @property
     def tensors(self) -> Mapping[str, Tensor]:
         """The module's parameters and buffers as the operator uses them (compute dtype, detached, overrides
         applied), by name; empty for a plain callable."""
@@ -498,6 +275,7 @@ class ImplicitLinear:
         """
         tensors = self._tensors if tensors is None else tensors
         if self._part is not None:
+            assert tensors is not None  # a closed form is a module's, which has its tensors
             try:
                 return self._part(x, tensors)
             except (RuntimeError, IndexError, ValueError) as err:
@@ -586,14 +364,23 @@ class ImplicitLinear:
             (g,) = torch.autograd.grad(y, x, grad_outputs=y.detach())
         return g, y.detach()
 
-    def _raw(self, x: Tensor, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+    def raw(self, x: Tensor, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``op(x)`` itself (bias included), in the compute dtype, without autograd: what the probes compare.
+
+        Args:
+            x: inputs of shape ``(B, *input_shape)`` in the compute dtype, on the operator's device.
+            tensors: tensors to use instead of :attr:`tensors` (modules only).
+
+        Returns:
+            Tensor: ``op(x)``, ``(B, *output_shape)``.
+
+        Example:
+            >>> lin = nn.Linear(2, 1)
+            >>> torch.allclose(ImplicitLinear(lin, (2,)).raw(torch.zeros(1, 2)), lin.bias)
+            True
+        """
         with torch.inference_mode(False), torch.no_grad():
             return self._call(x, tensors)
-
-    def _check_tensors_finite(self) -> None:
-        for name, t in self.tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"op's {name} holds non-finite values; it cannot be analysed")
 
     def check_affine(self, atol: float = 1e-3, seed: int = 0) -> None:
         """Probe that ``op`` is affine: additive and homogeneous around ``op(0)`` on random inputs.
@@ -620,40 +407,7 @@ class ImplicitLinear:
             ...
             ValueError: op is not affine in its input: ...
         """
-        if self._part is not None:
-            self._check_tensors_finite()
-            _ = self.output_shape  # one product of a zero input: refuses an input shape the layer cannot take
-            return
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x, y = torch.randn((2, *self.input_shape), generator=gen, dtype=self.dtype).to(self.device)
-        raw = self._raw(torch.stack([x, y, x + y, -2 * x]))
-        zero = self.bias[0]
-        if not (torch.isfinite(raw).all() and torch.isfinite(zero).all()):
-            raise ValueError("op returned non-finite values on random inputs; it cannot be analysed")
-        rx, ry, rxy, r2x = raw
-        fx, fy, fxy, f2x = raw - zero
-        n = {name: float(t.norm()) for name, t in (("x", rx), ("y", ry), ("xy", rxy), ("2x", r2x), ("0", zero))}
-        scale = max(float(fx.norm()), float(fy.norm()))
-        noise = _NOISE * torch.finfo(self.dtype).eps
-        probes = {
-            "op(x+y) − op(0) = (op(x) − op(0)) + (op(y) − op(0))": (
-                float((fxy - fx - fy).norm()),
-                noise * (n["xy"] + n["x"] + n["y"] + n["0"]),
-            ),
-            "op(−2x) − op(0) = −2 (op(x) − op(0))": (
-                float((f2x + 2 * fx).norm()),
-                noise * (n["2x"] + 2 * n["x"] + 3 * n["0"]),
-            ),
-        }
-        for probe, (defect, floor) in probes.items():
-            if not defect <= atol * scale + floor:
-                raise ValueError(
-                    f"op is not affine in its input: the probe {probe} failed on random x, y with relative "
-                    f"defect {defect / max(scale, 1e-30):.3g} > {atol:g} (rounding allows {floor:.3g} absolute). "
-                    f"Spectra are defined for affine maps only (Linear, convolutions, BatchNorm with running "
-                    f"statistics, their compositions); a nonlinearity such as ReLU makes the map non-affine. Pass "
-                    f"check_affine=False to skip this check."
-                )
+        probe_affine(self, atol, seed)
 
     def check_linear_in(self, name: str, atol: float = 1e-3, seed: int = 0) -> None:
         """Probe that the linear part ``A_W`` is linear in the tensor ``name`` (``W``): ``A_{2W} = 2 A_W`` and
@@ -684,51 +438,9 @@ class ImplicitLinear:
             >>> ImplicitLinear(Standardized(4, 3), (4,)).check_linear_in("weight")
             Traceback (most recent call last):
             ...
-            lightning_specclip.spectral.operator.NotLinearInWeightError: Standardized is not linear in its weight ...
+            lightning_specclip.spectral.probes.NotLinearInWeightError: Standardized is not linear in its weight ...
         """
-        if self._tensors is None:
-            raise ValueError("check_linear_in needs op to be an nn.Module")
-        weight = self._tensors.get(name)
-        if weight is None or not weight.is_floating_point():
-            names = [n for n, t in self._tensors.items() if t.is_floating_point()]
-            raise ValueError(f"{name!r} is not a floating point tensor of the module; it has: {names}")
-        if self._part is not None:
-            return
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn((2, *self.input_shape), generator=gen, dtype=self.dtype).to(self.device)
-        other = torch.randn(weight.shape, generator=gen, dtype=self.dtype).to(self.device)
-        size = float(weight.norm())
-        if size > 0:
-            other = other * (size / float(other.norm()))
-        batch = torch.cat([x, self.zeros(1)])
-        raw = {}
-        for key, w in (("W", weight), ("2W", 2 * weight), ("W'", other), ("W+W'", weight + other)):
-            out = self._raw(batch, {**self._tensors, name: w})
-            if not torch.isfinite(out).all():
-                raise NotLinearInWeightError(
-                    f"{type(self.op).__name__} returned non-finite values with the weight {name!r} changed "
-                    f"(to {key}); it cannot be clipped through that weight (track it only)"
-                )
-            raw[key] = out
-        lin = {key: out[:-1] - out[-1:] for key, out in raw.items()}
-        norms = {key: float(out.norm()) for key, out in raw.items()}
-        scale = max(float(lin["W"].norm()), float(lin["W'"].norm()))
-        noise = _NOISE * torch.finfo(self.dtype).eps
-        probes = {
-            "A(2W) = 2 A(W)": (float((lin["2W"] - 2 * lin["W"]).norm()), noise * (norms["2W"] + 2 * norms["W"])),
-            "A(W + W') = A(W) + A(W')": (
-                float((lin["W+W'"] - lin["W"] - lin["W'"]).norm()),
-                noise * (norms["W+W'"] + norms["W"] + norms["W'"]),
-            ),
-        }
-        for probe, (defect, floor) in probes.items():
-            if not defect <= atol * scale + 2 * floor:
-                raise NotLinearInWeightError(
-                    f"{type(self.op).__name__} is not linear in its weight {name!r}: the probe {probe} failed on "
-                    f"random inputs with relative defect {defect / max(scale, 1e-30):.3g} > {atol:g}. Its forward "
-                    f"transforms the weight before using it (e.g. weight standardization), so clipping cannot move "
-                    f"that weight to a given spectral norm; it cannot be clipped (track it only)."
-                )
+        probe_linear_in(self, name, atol, seed)
 
     def __repr__(self) -> str:
         name = type(self.op).__name__ if isinstance(self.op, nn.Module) else getattr(self.op, "__name__", "op")

@@ -6,24 +6,15 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_specclip.spectral.conv import CONVS, adjoint_kernel, plain_conv, stride_one_adjoint_padding
 from lightning_specclip.spectral.operator import ImplicitLinear, no_autocast
 
 __all__ = ["Grams", "PowerStep"]
 
-_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 #: on a CPU, convolutions with at most this many (input, output) channel pairs run grouped (see _group_key)
 _GROUPED_MAX_CHANNELS = 64 * 64
-
-
-def _plain_conv(A: ImplicitLinear) -> bool:
-    """Whether ``A`` is an exact convolution class without hooks (:attr:`ImplicitLinear.closed_form`), zero-padded
-    with numeric padding: its products (:class:`Grams`) and weight products (FastClip's least-squares rounds) are
-    then the bare kernels, called directly."""
-    m = A.op
-    return type(m) in _CONVS and A.closed_form and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
 def _group_key(A: ImplicitLinear) -> tuple | None:
@@ -33,20 +24,11 @@ def _group_key(A: ImplicitLinear) -> tuple | None:
     batch-1 convolution runs far below a CPU's speed, and one grouped convolution of several layers runs them
     faster; wider layers ran as fast alone, or faster (oneDNN on x86).
     """
-    m = A.op
-    if not _plain_conv(A) or m.in_channels * m.out_channels // m.groups > _GROUPED_MAX_CHANNELS:
+    m = plain_conv(A)
+    if m is None or m.in_channels * m.out_channels // m.groups > _GROUPED_MAX_CHANNELS:
         return None
     return (type(m), m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
             A.input_shape, A.dtype)  # fmt: skip
-
-
-def _adjoint_kernel(weight: Tensor, groups: int) -> Tensor:
-    """The kernel whose stride-1 convolution (padding ``dilation·(k − 1) − padding``) is the adjoint of the one of
-    ``weight``: each group's input and output channels swapped, the taps reversed."""
-    out_channels, per_group, *taps = weight.shape
-    swapped = weight.reshape(groups, out_channels // groups, per_group, *taps).transpose(1, 2)
-    flipped = swapped.reshape(groups * per_group, out_channels // groups, *taps).flip(list(range(2, 2 + len(taps))))
-    return flipped.contiguous()
 
 
 class Grams:
@@ -70,7 +52,7 @@ class Grams:
             kernels of stride-1 convolutions, once.
 
     Example:
-        >>> convs = [nn.Conv2d(2, 2, 3, padding=1) for _ in range(3)]
+        >>> convs = [torch.nn.Conv2d(2, 2, 3, padding=1) for _ in range(3)]
         >>> grams = Grams([ImplicitLinear(c, (2, 5, 5)) for c in convs], group=True)
         >>> grams.groups
         [[0, 1, 2]]
@@ -91,14 +73,18 @@ class Grams:
             else:
                 together.setdefault(key, []).append(i)
         self.groups += together.values()
-        self._direct = [_plain_conv(self.operators[g[0]]) for g in self.groups]
+        # The convolution of each group whose products run as direct kernel calls (None: through the operator).
+        self._convs = [plain_conv(self.operators[g[0]]) for g in self.groups]
+        self._direct = [m is not None for m in self._convs]
         self._weights = {j: self._weight(g) for j, g in enumerate(self.groups) if self._direct[j]} if fixed else None
-        self._adjoints = {}  # group -> (flipped kernel, padding) where the adjoint runs as a forward convolution
+        # group -> (flipped kernel, padding) where the adjoint runs as a forward convolution
+        self._adjoints: dict[int, tuple[Tensor, list[int]]] = {}
         for j, weight in (self._weights or {}).items():
-            m = self.operators[self.groups[j][0]].op
-            padding = [d * (k - 1) - p for k, p, d in zip(m.kernel_size, m.padding, m.dilation, strict=True)]
-            if all(s == 1 for s in m.stride) and min(padding) >= 0:
-                self._adjoints[j] = (_adjoint_kernel(weight, len(self.groups[j]) * m.groups), padding)
+            m = self._convs[j]
+            assert m is not None
+            padding = stride_one_adjoint_padding(m)
+            if padding is not None:
+                self._adjoints[j] = (adjoint_kernel(weight, len(self.groups[j]) * m.groups), padding)
 
     def _weight(self, group: list[int]) -> Tensor:
         weights = [self.operators[i].tensors["weight"] for i in group]
@@ -115,18 +101,17 @@ class Grams:
         """
         out: list[tuple[Tensor, Tensor]] = [None] * len(self.operators)  # type: ignore[list-item]
         for j, group in enumerate(self.groups):
-            A = self.operators[group[0]]
-            if not self._direct[j]:
-                out[group[0]] = A.gram(vectors[group[0]])
+            m = self._convs[j]
+            if m is None:
+                out[group[0]] = self.operators[group[0]].gram(vectors[group[0]])
                 continue
-            m = A.op
             weight = self._weights[j] if self._weights is not None else self._weight(group)
             x = torch.cat([vectors[i] for i in group], dim=1) if len(group) > 1 else vectors[group[0]]
             groups = len(group) * m.groups
-            y = _CONVS[type(m)](x, weight, None, m.stride, m.padding, m.dilation, groups)
+            y = CONVS[type(m)](x, weight, None, m.stride, m.padding, m.dilation, groups)
             if j in self._adjoints:
                 flipped, padding = self._adjoints[j]
-                g = _CONVS[type(m)](y, flipped, None, 1, padding, m.dilation, groups)
+                g = CONVS[type(m)](y, flipped, None, 1, padding, m.dilation, groups)
             else:
                 zeros = (0,) * len(m.kernel_size)
                 mask = (True, False, False)
