@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,17 +11,13 @@ import torch
 from torch import Tensor
 
 from lightning_specclip.options import ClipperOptions
+from lightning_specclip.spectral.certify import certified_spectra
 from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.power import PowerStep
-from lightning_specclip.spectral.spectrum import Spectrum, gap_free_spectra, spectrum
+from lightning_specclip.spectral.spectrum import Spectrum, spectrum
 from lightning_specclip.tracked_map import TrackedMap, known_shape
 
-__all__ = ["GAP_FREE_TOL", "REFINE_TOL", "MapState", "Tracker"]
-
-#: relative accuracy of the gap-free Lanczos that starts every measurement anew (σ₁ within 0.75%)
-GAP_FREE_TOL = 0.0075
-#: residual to which Krylov refines a measurement anew (σ to ~1e-6 where σ₁ stands apart)
-REFINE_TOL = 1e-3
+__all__ = ["MapState", "Tracker"]
 
 
 @dataclass
@@ -264,25 +259,18 @@ class Tracker:
         self._measure_all(maps, self._remeasure)
 
     def _measure_all(self, maps: Sequence[TrackedMap], max_iters: int) -> None:
-        """Measure maps anew so that σ₁ is found whatever the spectrum: the gap-free Lanczos of
-        :func:`~lightning_specclip.spectral.spectrum.gap_free_spectra` from a random vector (``GAP_FREE_TOL``; all
-        the maps in lock-step), then Krylov from its vector (and the warm ones) to a residual of ``REFINE_TOL``.
-        Starting from the warm vectors alone could miss a new top, and a residual test alone can stop below σ₁
-        when many values crowd there. Maps with non-finite weights are skipped (the clip warns about them)."""
+        """Measure maps anew by the certified recipe (:func:`~lightning_specclip.spectral.certify.certified_spectra`:
+        σ₁ found whatever the spectrum, all the maps in lock-step), warm-started where ``k > 1``. Maps with
+        non-finite weights are skipped (the clip warns about them)."""
         maps = [m for m in maps if finite(m)]
         if not maps:
             return
-        operators = [
-            ImplicitLinear(m.module, known_shape(m), check_affine=False) for m in maps
-        ]  # affinity: probed once
-        for m, A, found in zip(maps, operators, gap_free_spectra(operators, GAP_FREE_TOL, left=False), strict=True):
+        # the affinity of each map was probed once, when the maps were made
+        operators = [ImplicitLinear(m.module, known_shape(m), check_affine=False) for m in maps]
+        warm = [self.states[m.name].right if self._warm(m) else None for m in maps]
+        found = certified_spectra(operators, k=[self.k(m) for m in maps], warm=warm, max_iters=max_iters)
+        for m, result in zip(maps, found, strict=True):
             state = self.states[m.name]
-            warm = state.right if self._warm(m) else None
-            k = self.k(m)
-            start = found.right if warm is None or k == 1 else torch.cat([found.right, warm[: k - 1].to(found.right)])
-            result = spectrum(A, k=k, init=start, max_iters=max_iters, tol=REFINE_TOL, left=False)
-            if result.values[0] < found.values[0]:  # both are lower bounds on σ₁: keep the better one
-                result = dataclasses.replace(result, values=torch.cat([found.values, result.values[1:]]))
             state.right, state.values = result.right, result.values
             self.method.step(m, state.method_state)
 
