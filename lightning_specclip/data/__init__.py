@@ -5,9 +5,10 @@ the model's own first layer; the data are never normalized, so adversarial attac
 """
 
 from lightning_specclip.data._base import ImageDataModule, ImageTensorDataset
+from lightning_specclip.data.cifar10 import CIFAR10DataModule
 from lightning_specclip.data.digits import DigitsDataModule
+from lightning_specclip.data.mnist import MNISTDataModule
 from lightning_specclip.data.synthetic import SyntheticDataModule
-from lightning_specclip.data.vision import CIFAR10DataModule, MNISTDataModule
 
 __all__ = [
     "CIFAR10DataModule",
