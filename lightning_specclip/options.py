@@ -61,14 +61,14 @@ def _shapes_argument(name: str, input_shapes: InputShapes | None) -> dict[str, l
     return result
 
 
-def _method_argument(method: str | ClipMethod, compose_batchnorm: bool) -> ClipMethod:
+def _method_argument(method: str | ClipMethod, compositions: bool) -> ClipMethod:
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
         method = METHODS[method]()
     elif not isinstance(method, ClipMethod):
         raise ValueError(f"method must be one of {', '.join(METHODS)} or a ClipMethod, got {type(method).__name__}")
-    if compose_batchnorm and "composition" not in method.kinds:
+    if compositions and "composition" not in method.kinds:
         allowed = [n for n, cls in METHODS.items() if "composition" in cls.kinds]
         raise ValueError(
             f"method {method.name!r} cannot clip conv∘BatchNorm compositions; with compose_batchnorm=True "
