@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from lightning_specclip.methods.base import ClipMethod
-from lightning_specclip.spectral.clip import ClipResult, clip_spectral_norms_
+from lightning_specclip.spectral.clip import ClipResult, ClipSettings, clip_spectral_norms_
 from lightning_specclip.tracked_map import TrackedMap
 
 __all__ = ["FastClip"]
@@ -86,17 +86,7 @@ class FastClip(ClipMethod):
             >>> [round(r.after, 2) for r in FastClip().clip_all_([(m, 0.5, {}, None) for m in maps])]
             [0.5, 0.5]
         """
-        return list(
-            clip_spectral_norms_(
-                [m.module for m, *_ in items],
-                [target for _, target, *_ in items],
-                [m.input_shape for m, *_ in items],
-                spectra=[init for *_, init in items],
-                max_rounds=self.max_rounds,
-                block_size=self.block_size,
-                tol=self.tol,
-            )
-        )
+        return self._clip(items, max_rounds=self.max_rounds, block_size=self.block_size)
 
     def clip_pass_(
         self, items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]], index: int
@@ -121,13 +111,24 @@ class FastClip(ClipMethod):
         """
         if index < self.passes - 1:
             return self.clip_all_(items)
+        return self._clip(items, max_rounds=0, block_size=ClipSettings.block_size)
+
+    def _clip(
+        self,
+        items: Sequence[tuple[TrackedMap, float, dict[str, Tensor], Tensor | None]],
+        max_rounds: int,
+        block_size: int,
+    ) -> list[ClipResult | None]:
+        """The maps clipped together, warm-started from their tracked vectors, in at most ``max_rounds`` rounds of
+        least squares on blocks of ``block_size`` vectors (``max_rounds=0``: the exact rescale alone)."""
         return list(
             clip_spectral_norms_(
                 [m.module for m, *_ in items],
                 [target for _, target, *_ in items],
                 [m.input_shape for m, *_ in items],
                 spectra=[init for *_, init in items],
-                max_rounds=0,
+                max_rounds=max_rounds,
+                block_size=block_size,
                 tol=self.tol,
             )
         )
