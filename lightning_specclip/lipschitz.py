@@ -4,15 +4,41 @@
 the ℓ2 Lipschitz constant of *model input → node output* (in eval semantics: BatchNorm with its running
 statistics, dropout off):
 
-* a linear map (``Linear``, ``Conv*d``, ``ConvTranspose*d``, average pooling, interpolation, reflect/replicate
-  padding, a mean, a functional conv or linear with constant weights, and a conv whose output feeds only a
-  BatchNorm composed with it as one map): its input's bound times its *exact* spectral norm at the input shape it
-  runs at in the traced forward;
+* a linear map (``Linear``, ``Conv*d``, ``ConvTranspose*d``, average pooling, interpolation, reflect/replicate/
+  circular padding, a mean, a BatchNorm called as ``F.batch_norm``, a functional conv or linear with constant
+  weights, and a conv whose output feeds only a BatchNorm composed with it as one map): its input's bound times its
+  *exact* spectral norm at the input shape it runs at in the traced forward;
 * an element-wise activation: times its largest slope (ReLU 1, GELU 1.1290, SiLU 1.0999, Sigmoid 1/4 …);
+* a linear map, an element-wise activation and a BatchNorm in a row (below): times the activation's largest slope
+  and the exact spectral norm of the composed linear map ``BatchNorm∘linear``;
 * a sum ``a + b`` (a residual connection): the sum of the branches' bounds; a concatenation: ``√Σ Lᵢ²``;
 * a product or quotient by a constant (a per-channel scale, the input normalization): times its largest
   ``|c|`` (``1/min |c|`` for a divisor); max pooling: ``√(windows that share an input)``;
-* reshapes, permutations, slicing, identity, dropout: 1; values that do not depend on the input: 0.
+* reshapes, permutations, slicing, constant (zero) padding, identity, dropout: 1; values that do not depend on
+  the input: 0. An operand that broadcasting repeats ``r`` times counts ``√r`` times its bound.
+
+Functional forms go through the rule of their module: ``F.max_pool*d`` (with or without ``return_indices``),
+``F.adaptive_max_pool*d``, ``F.avg_pool*d``, ``F.adaptive_avg_pool*d``, ``F.interpolate`` (``F.upsample``),
+``F.pad`` (constant mode: 1; the other modes measured), ``F.relu``, ``F.leaky_relu``, ``F.elu`` and the other
+activations (with their arguments: ``F.elu(x, alpha=2.0)`` has slope 2), ``torch.clamp``, ``torch.flatten`` and the
+tensor methods ``flatten``/``view``/``reshape``, ``F.dropout`` with ``training=False``. Arguments the rules cannot
+read (a tensor as a kernel size) and dropout that runs at inference are refused with the node named.
+
+**A BatchNorm after an activation.** When a linear module (or a conv∘BatchNorm composition) feeds only an
+element-wise activation ``σ`` and that activation feeds only a BatchNorm in eval mode, the three are bounded by
+``c·σ₁(D·W)``, where ``W`` is the linear map, ``D`` the BatchNorm's per-channel scale ``γ/√(var+ε)`` and ``c`` the
+activation's largest slope — instead of ``σ₁(W)·c·max|D|``. It is sound: for two inputs the activation's outputs
+differ by ``Λ·W·δ``, ``Λ`` diagonal with the difference quotients ``(σ(uᵢ) − σ(u′ᵢ))/(uᵢ − u′ᵢ)``, each in
+``[−c, c]``; ``D`` is diagonal in the same coordinates (every element of a channel scaled alike), and diagonal
+matrices commute, so the BatchNorm's outputs differ by ``D·Λ·W·δ = Λ·D·W·δ``, of norm at most
+``c·σ₁(D·W)·‖δ‖``. The sign of ``γ`` and of the slopes does not matter (GELU's negative slopes, LeakyReLU's
+slope above 1 keep their ``c``); what matters is that the activation maps each element alone, so it applies to the
+built-in activations above (``ReLU``, ``ReLU6``, ``LeakyReLU``, ``PReLU``, ``ELU``, ``GELU``, ``SiLU``, ``Tanh``,
+``Sigmoid`` …, modules or functions, and ``torch.clamp``), not to a map added to :data:`ACTIVATION_CONSTANTS`
+nor to a user constant, and not when a reshape, a pooling or a broadcast sits in between. As
+``σ₁(D·W) ≤ max|D|·σ₁(W)``, it is never looser than the separate factors. The composition is listed in
+:attr:`LipschitzBound.compositions` as ``"linear+activation+batchnorm"`` (module names; a function by its node's
+name), next to the ``"conv+bn"`` compositions.
 
 Anything else — a product of two input-dependent values (squeeze-and-excitation), attention, LayerNorm, a
 comparison — is refused with the node and its op named; ``constants=`` supplies a module type's (or a module
@@ -31,6 +57,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -64,17 +91,18 @@ DENSE_LIMIT = 2048
 _ROUNDING = 1e-9
 
 
-def _slope(attribute: str) -> Callable[[nn.Module], float]:
+def _slope(attribute: str) -> Callable[[Any], float]:
     return lambda m: max(1.0, abs(float(getattr(m, attribute))))
 
 
-#: element-wise activations → their largest slope ``sup |f′|`` (the ℓ2 Lipschitz constant of the map), rounded up
-ACTIVATION_CONSTANTS: dict[type[nn.Module], float | Callable[[nn.Module], float]] = {
+#: element-wise activations → their largest slope ``sup |f′|`` (the ℓ2 Lipschitz constant of the map), rounded up;
+#: a rule reads the module's attributes (for a functional call, its arguments of the same names)
+ACTIVATION_CONSTANTS: dict[type[nn.Module], float | Callable[[Any], float]] = {
     nn.ReLU: 1.0,
     nn.ReLU6: 1.0,
     nn.LeakyReLU: _slope("negative_slope"),
     nn.ELU: _slope("alpha"),
-    nn.CELU: 1.0,
+    nn.CELU: lambda m: 1.0 if float(m.alpha) > 0 else math.inf,  # slope exp(x/α) below 0: unbounded for α < 0
     nn.SELU: 1.7581,
     nn.GELU: 1.1290,  # exact GELU 1.12890, tanh approximation 1.12899
     nn.SiLU: 1.0999,
@@ -90,26 +118,51 @@ ACTIVATION_CONSTANTS: dict[type[nn.Module], float | Callable[[nn.Module], float]
     nn.Tanhshrink: 1.0,
     nn.PReLU: lambda m: max(1.0, float(m.weight.detach().abs().max())),
 }
-_FUNCTIONAL_ACTIVATIONS: dict[Any, float] = {
-    F.relu: 1.0,
-    torch.relu: 1.0,
-    F.relu6: 1.0,
-    F.gelu: 1.1290,
-    F.silu: 1.0999,
-    F.mish: 1.0885,
-    F.hardswish: 1.5,
-    F.hardsigmoid: 1 / 6,
-    F.hardtanh: 1.0,
-    F.elu: 1.0,
-    torch.tanh: 1.0,
-    F.tanh: 1.0,
-    torch.sigmoid: 0.25,
-    F.sigmoid: 0.25,
-    F.softplus: 1.0,
-    "relu": 1.0,
-    "tanh": 1.0,
-    "sigmoid": 0.25,
+#: the activations above map each element alone (a diagonal Jacobian), which the BatchNorm-after-activation rule
+#: needs; fixed here, so that a map added to ACTIVATION_CONSTANTS later (softmax is 1-Lipschitz, not element-wise)
+#: is bounded by its constant but never composed through
+_ELEMENTWISE = tuple(ACTIVATION_CONSTANTS)
+_MAX_POOLS = (_MaxPoolNd, _AdaptiveMaxPoolNd)
+_POOL_DIMS: dict[type[nn.Module], int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_POOL_DIMS |= {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+#: a function's (or a tensor method's) arguments after the input, in order, up to the last one a rule reads, named
+#: as the attributes of the module that does the same, with their defaults
+_MAX_POOL_ARGS = {"kernel_size": None, "stride": None, "padding": 0, "dilation": 1}
+_ADAPTIVE_ARGS = {"output_size": None}
+_DROPOUT_ARGS = {"p": 0.5, "training": True}
+_PAD_ARGS = {"pad": None, "mode": "constant"}
+_BATCHNORM_ARGS = {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False}
+#: functional forms of the pooling and activation modules → (that module type, its arguments): one rule bounds both
+_FUNCTIONAL_FORMS: dict[Any, tuple[type[nn.Module], dict[str, Any]]] = {
+    **{f: (nn.MaxPool1d, _MAX_POOL_ARGS) for f in (F.max_pool1d, F.max_pool1d_with_indices, torch.max_pool1d)},
+    **{f: (nn.MaxPool2d, _MAX_POOL_ARGS) for f in (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d)},
+    **{f: (nn.MaxPool3d, _MAX_POOL_ARGS) for f in (F.max_pool3d, F.max_pool3d_with_indices, torch.max_pool3d)},
+    **{f: (nn.AdaptiveMaxPool1d, _ADAPTIVE_ARGS) for f in (F.adaptive_max_pool1d, F.adaptive_max_pool1d_with_indices)},
+    **{f: (nn.AdaptiveMaxPool2d, _ADAPTIVE_ARGS) for f in (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices)},
+    **{f: (nn.AdaptiveMaxPool3d, _ADAPTIVE_ARGS) for f in (F.adaptive_max_pool3d, F.adaptive_max_pool3d_with_indices)},
+    **{f: (nn.ReLU, {}) for f in (F.relu, F.relu_, torch.relu, torch.relu_, "relu", "relu_")},
+    **{f: (nn.LeakyReLU, {"negative_slope": 0.01}) for f in (F.leaky_relu, F.leaky_relu_)},
+    **{f: (nn.ELU, {"alpha": 1.0}) for f in (F.elu, F.elu_)},
+    **{f: (nn.Hardtanh, {}) for f in (F.hardtanh, F.hardtanh_, torch.clamp, torch.clip, "clamp", "clip", "clamp_")},
+    **{f: (nn.Tanh, {}) for f in (torch.tanh, F.tanh, "tanh", "tanh_")},
+    **{f: (nn.Sigmoid, {}) for f in (torch.sigmoid, F.sigmoid, "sigmoid", "sigmoid_")},
+    **{f: (nn.PReLU, {"weight": None}) for f in (F.prelu, torch.prelu)},
+    **{f: (nn.SELU, {}) for f in (F.selu, torch.selu)},
+    F.relu6: (nn.ReLU6, {}),
+    F.celu: (nn.CELU, {"alpha": 1.0}),
+    F.gelu: (nn.GELU, {}),
+    F.silu: (nn.SiLU, {}),
+    F.mish: (nn.Mish, {}),
+    F.hardswish: (nn.Hardswish, {}),
+    F.hardsigmoid: (nn.Hardsigmoid, {}),
+    F.softplus: (nn.Softplus, {}),
+    F.logsigmoid: (nn.LogSigmoid, {}),
+    F.softsign: (nn.Softsign, {}),
+    F.tanhshrink: (nn.Tanhshrink, {}),
 }
+#: dropout functions → their ``training`` default: the identity when it is off, like the modules in eval mode
+_DROPOUTS = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True}
+_DROPOUTS |= {F.alpha_dropout: False, F.feature_alpha_dropout: False}
 #: modules and ops that only move, select or drop values (or are the identity in eval mode): constant 1
 _ISOMETRIC_MODULES = (
     nn.Identity,
@@ -131,9 +184,9 @@ _ISOMETRIC_MODULES = (
     nn.ConstantPad3d,
 )
 _ISOMETRIC_FUNCTIONS = {torch.flatten, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.reshape}
-_ISOMETRIC_FUNCTIONS |= {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.clone, operator.neg, torch.neg}
-_ISOMETRIC_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
-_ISOMETRIC_METHODS |= {"clone", "float", "double", "to", "type_as", "neg", "detach"}
+_ISOMETRIC_FUNCTIONS |= {torch.movedim, torch.clone, operator.neg, torch.neg}
+_ISOMETRIC_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "movedim", "contiguous"}
+_ISOMETRIC_METHODS |= {"squeeze", "unsqueeze", "clone", "float", "double", "to", "type_as", "neg", "detach"}
 #: module types measured as the linear maps they are
 _LINEAR_MODULES = (
     nn.Linear,
@@ -147,11 +200,15 @@ _LINEAR_MODULES = (
     nn.ReplicationPad1d,
     nn.ReplicationPad2d,
     nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
 )
 #: functions (first argument the input, the others constant) and methods measured as the linear maps they are
 _LINEAR_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d}
 _LINEAR_FUNCTIONS |= {F.conv_transpose3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d}
-_LINEAR_FUNCTIONS |= {F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate, F.pad, torch.mean, torch.sum}
+_LINEAR_FUNCTIONS |= {F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d}
+_LINEAR_FUNCTIONS |= {F.interpolate, F.pad, F.batch_norm, torch.mean, torch.sum}
 _LINEAR_METHODS = {"mean", "sum"}
 _SUMS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, "add", "sub", "add_", "sub_"}
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
@@ -176,16 +233,18 @@ class NodeBound:
     Attributes:
         name: the fx node's name.
         op: the op: a module's type name (``"Conv2d"``), a function's or method's name (``"add"``).
-        kind: ``"input"``, ``"linear"`` (measured exactly), ``"composition"`` (a conv∘BatchNorm measured as one
-            map; its node is the BatchNorm's), ``"activation"``, ``"sum"``, ``"concat"``, ``"scale"``,
-            ``"max_pool"``, ``"isometry"``, ``"constant"`` (does not depend on the input), ``"user"`` (a
-            constant from ``constants=``) or ``"output"``.
-        factor: the node's own constant (its σ bound for a linear map); for a sum or a concatenation, the number
-            of its input-dependent branches.
+        kind: ``"input"``, ``"linear"`` (measured exactly), ``"composition"`` (a conv∘BatchNorm, or a linear
+            map → activation → BatchNorm, measured as one map; its node is the BatchNorm's), ``"activation"``,
+            ``"sum"``, ``"concat"``, ``"scale"``, ``"max_pool"``, ``"isometry"``, ``"constant"`` (does not depend on
+            the input, or an unpacked value that is never read), ``"user"`` (a constant from ``constants=``) or
+            ``"output"``.
+        factor: the node's own constant (its σ bound for a linear map, times the activation's slope for a
+            composition through one); for a sum or a concatenation, the number of its input-dependent branches.
         lipschitz: the bound on the Lipschitz constant of model input → this node's output.
         sigma: for measured maps, the spectral norm measured (the factor is this, or this over ``1 − tol`` for a
             map too large for a dense SVD).
-        module: the module's name for a ``call_module`` node (``"conv+bn"`` for a composition).
+        module: the module's name for a ``call_module`` node (``"conv+bn"`` or ``"linear+activation+batchnorm"``
+            for a composition).
         input_shape: the shape of one input of a measured map.
     """
 
@@ -235,7 +294,9 @@ class LipschitzBound:
 
     @property
     def compositions(self) -> dict[str, float]:
-        """Measured spectral norm of every conv∘BatchNorm composition, by ``"conv+bn"``."""
+        """Measured spectral norm of every composition with a BatchNorm: ``"conv+bn"`` → σ₁ of the conv∘BatchNorm,
+        ``"linear+activation+batchnorm"`` → σ₁ of BatchNorm∘linear (which, times the activation's slope, bounds the
+        three; module docstring)."""
         return {n.module: n.sigma for n in self.nodes.values() if n.kind == "composition" and n.module and n.sigma}
 
 
@@ -323,8 +384,20 @@ def _adaptive_overlap(in_sizes: Sequence[int], out_sizes: Sequence[int | None]) 
     return count
 
 
-def _ntuple(value: int | Sequence[int], d: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, Sequence) else (int(value),) * d
+def _sizes(value: Any, d: int, none: bool = False) -> tuple[Any, ...] | None:
+    """A pooling's size argument as ``d`` sizes: an int repeated, or a tuple of 1 or ``d`` ints (``None`` entries
+    too where ``none``); ``None`` for anything else, such as a tensor, which the rules do not read as a size."""
+    items = tuple(value) if isinstance(value, list | tuple) else (value,)
+    readable = all((isinstance(v, int) and not isinstance(v, bool)) or (none and v is None) for v in items)
+    if not readable or len(items) not in (1, d):
+        return None
+    return items * d if len(items) == 1 else items
+
+
+def _replication(operand: Tensor, result: Tensor) -> float:
+    """``√r`` when broadcasting repeats each element of ``operand`` ``r`` times in ``result``: the norm of the
+    repeated copies of a change (``1`` when the shapes agree)."""
+    return math.sqrt(max(result.numel(), 1) / max(operand.numel(), 1))
 
 
 def _measure(
@@ -386,8 +459,9 @@ def lipschitz_bound(
         data: inputs ``(N, *input_shape)`` at which to look for the lower bound instead (e.g. a test batch).
         constants: Lipschitz constants for module types or module name globs the rules do not cover (their
             modules are kept whole when tracing): ``{MyBlock: 2.0, "head.*": 1.0}``.
-        compose_batchnorm: measure a convolution whose output feeds only a BatchNorm together with it (tighter
-            than the product of the two norms); ``False``: the BatchNorm by its largest gain.
+        compose_batchnorm: measure a BatchNorm together with the linear map before it: a convolution whose
+            output feeds only a BatchNorm, and a linear module → element-wise activation → BatchNorm chain (module
+            docstring); tighter than the product of the norms. ``False``: each BatchNorm by its largest gain.
         tol: relative accuracy of the measurement of maps above ``DENSE_LIMIT`` inputs; their bound is the
             measured σ over ``1 − tol``.
         failure: per large map, the probability allowed that its measurement misses σ₁ by more than ``tol``.
@@ -427,25 +501,37 @@ def lipschitz_bound(
     device = _model_device(model)
     values, dependent = _run(model, graph, shape, device)
 
-    jobs: dict[str, _Job] = {}
-    rules: dict[str, tuple[str, Any]] = {}
     composed = {  # BatchNorm node name → the conv node it is measured with
         bn.name: conv
         for conv, bn in (conv_bn_nodes(graph, modules) if compose_batchnorm else [])
         if modules[str(bn.target)].running_var is not None
     }
+    rules = _Rules(modules, user, values, composed, compose_batchnorm)
     for node in graph.nodes:
-        if node.op in ("placeholder", "get_attr", "output") or node.name not in dependent:
+        unused = node.target is operator.getitem and not node.users  # an unpacked value never read: no effect
+        if node.op in ("placeholder", "get_attr", "output") or node.name not in dependent or unused:
             continue
-        rules[node.name] = _rule(node, modules, user, values, dependent, composed, jobs)
+        rules.add(node, [a for a in _tensor_nodes((node.args, dict(node.kwargs))) if a.name in dependent])
 
     measured: dict[str, tuple[float, float, bool]] = {}
-    for done, (name, job) in enumerate(jobs.items(), start=1):
+    for done, (name, job) in enumerate(rules.jobs.items(), start=1):
         measured[name] = _measure(job.op, job.shape, tol, failure, seed, device)
         if progress is not None:
-            progress(done, len(jobs), job.module or name)
+            progress(done, len(rules.jobs), job.module or name)
     large = sum(1 for _, _, exact in measured.values() if not exact)
+    nodes, output = _compose(graph, modules, values, rules, measured)
+    lower = _lower_bound(model, shape, data, samples, iters, seed, device)
+    return LipschitzBound(upper=output, lower=lower, nodes=nodes, failure=min(1.0, large * failure))
 
+
+def _compose(
+    graph: fx.Graph,
+    modules: Mapping[str, nn.Module],
+    values: Mapping[str, Any],
+    rules: _Rules,
+    measured: Mapping[str, tuple[float, float, bool]],
+) -> tuple[dict[str, NodeBound], float]:
+    """Every node's bound from its rule and its inputs' bounds, in graph order; and the output's bound."""
     nodes: dict[str, NodeBound] = {}
     bound: dict[str, float] = {}
     output: float | None = None
@@ -467,17 +553,18 @@ def lipschitz_bound(
             output = bound.get(node.args[0].name, 0.0)
             nodes[node.name] = NodeBound(node.name, op, "output", 1.0, output)
             continue
-        if node.name not in rules:
+        if node.name not in rules.rules:
             bound[node.name] = 0.0
             nodes[node.name] = NodeBound(node.name, op, "constant", 0.0, 0.0)
             continue
-        kind, arg = rules[node.name]
+        kind, arg = rules.rules[node.name]
         module = clean_name(str(node.target)) if node.op == "call_module" else None
         sigma = None
-        job = jobs.get(node.name)
-        if kind in ("linear", "composition"):
-            sigma, factor, _ = measured[node.name]
-            (source,) = arg
+        job = rules.jobs.get(node.name)
+        if kind in ("linear", "composition"):  # the measured bound, times a slope for a composition through one
+            sigma, measured_bound, _ = measured[node.name]
+            source, slope = arg
+            factor = slope * measured_bound
             lip = factor * bound[source.name]
             module = job.module if job is not None else module
         elif kind == "sum":
@@ -495,8 +582,7 @@ def lipschitz_bound(
             node.name, op, kind, factor, lip, sigma, module, job.shape if job is not None else None
         )
     assert output is not None  # a traced graph always ends in an output node
-    lower = _lower_bound(model, shape, data, samples, iters, seed, device)
-    return LipschitzBound(upper=output, lower=lower, nodes=nodes, failure=min(1.0, large * failure))
+    return nodes, output
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -581,138 +667,236 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _rule(
-    node: fx.Node,
-    modules: Mapping[str, nn.Module],
-    user: Mapping[type[nn.Module] | str, float],
-    values: Mapping[str, Any],
-    dependent: set[str],
-    composed: Mapping[str, fx.Node],
-    jobs: dict[str, _Job],
-) -> tuple[str, Any]:
-    """How one input-dependent node composes: ``(kind, argument)``; linear maps to measure go to ``jobs``."""
-    args = [a for a in _tensor_nodes((node.args, dict(node.kwargs))) if a.name in dependent]
-    value = values[node.name]
+class _Rules:
+    """The rule of each input-dependent node of one traced graph, found in graph order (a BatchNorm after an
+    activation looks back at the rules of the nodes before it), and the linear maps to measure in ``jobs``.
 
-    def refuse(reason: str) -> UnsupportedNodeError:
+    A rule is ``(kind, argument)``: ``"linear"`` and ``"composition"`` → ``(source, slope)`` (``slope`` times the
+    measured bound of ``jobs[node]``, from the bound of ``source``); ``"sum"`` → ``[(branch, weight)]``;
+    ``"concat"`` → ``[branch]``; every other kind → ``(source, factor)``.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        user: Mapping[type[nn.Module] | str, float],
+        values: Mapping[str, Any],
+        composed: Mapping[str, fx.Node],
+        compose_batchnorm: bool,
+    ) -> None:
+        self.modules, self.user, self.values = modules, user, values
+        self.composed, self.compose_batchnorm = composed, compose_batchnorm
+        self.rules: dict[str, tuple[str, Any]] = {}
+        self.jobs: dict[str, _Job] = {}
+        self.elementwise: set[str] = set()  # activations that map each element alone, at an unchanged shape
+        self.affine: set[str] = set()  # nodes measured as one affine map of their rule's source
+
+    def add(self, node: fx.Node, args: list[fx.Node]) -> None:
+        """Find the rule of an input-dependent node whose input-dependent arguments are ``args``."""
+        self.rules[node.name] = self._rule(node, args)
+
+    def _refuse(self, node: fx.Node, reason: str) -> UnsupportedNodeError:
         hint = (
-            f"; pass constants={{{_op_name(node, modules)}: L}} (or a name glob) to supply its Lipschitz constant"
+            f"; pass constants={{{_op_name(node, self.modules)}: L}} (or a name glob) to supply its Lipschitz constant"
             if node.op == "call_module"
             else "; wrap it in a module and pass constants={ThatModule: L} to supply its Lipschitz constant"
         )
-        return UnsupportedNodeError(f"lipschitz_bound cannot bound {_describe(node, modules)}: {reason}{hint}")
+        return UnsupportedNodeError(f"lipschitz_bound cannot bound {_describe(node, self.modules)}: {reason}{hint}")
 
-    if node.op == "call_module":
-        constant = _user_constant(user, modules[str(node.target)], str(node.target))
-        if constant is not None:
-            return "user", (args[0], constant)
-    if not isinstance(value, Tensor):
-        if node.op != "call_module" and node.target in _SPLITS:  # pieces of the input; getitem picks one
-            return "isometry", (args[0], 1.0)
-        raise refuse(f"it returns a {type(value).__name__} of tensors made from the input")
-    if not value.is_floating_point():
-        raise refuse(f"it makes a {value.dtype} tensor from the input, which is not a Lipschitz map to real numbers")
-    source = args[0]
-    in_value = values[source.name]
-    in_shape = tuple(in_value.shape[1:]) if isinstance(in_value, Tensor) else None
+    def _measured(self, node: fx.Node, job: _Job, source: fx.Node) -> tuple[str, Any]:
+        """The rule of an affine map measured as ``job``."""
+        self.jobs[node.name] = job
+        self.affine.add(node.name)
+        return job.kind, (source, 1.0)
 
-    if node.op == "call_module":
-        module = modules[str(node.target)]
-        name = clean_name(str(node.target))
-        if len(args) != 1 or node.args[0] is not source:
-            raise refuse("it takes more than one input-dependent argument")
-        if node.name in composed:
-            conv_node = composed[node.name]
-            conv = modules[str(conv_node.target)]
-            conv_in = values[conv_node.args[0].name]
-            jobs[node.name] = _Job(
-                nn.Sequential(conv, module),
-                tuple(conv_in.shape[1:]),
-                "composition",
-                f"{clean_name(str(conv_node.target))}+{name}",
+    def _arguments(self, node: fx.Node, names: Mapping[str, Any]) -> SimpleNamespace:
+        """A call's arguments after its input by name (``names``: in order, with their defaults), as values."""
+        given = {**names, **dict(zip(names, node.args[1:], strict=False))}
+        given |= {k: v for k, v in node.kwargs.items() if k in names}
+        return SimpleNamespace(**{k: fx.node.map_arg(v, lambda n: self.values[n.name]) for k, v in given.items()})
+
+    def _form(self, node: fx.Node) -> tuple[type[nn.Module], Any] | None:
+        """The module type whose rule bounds the node and what that rule reads attributes from: a module and itself,
+        or a functional form's module type and the call's arguments (``None`` for other functions)."""
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            return type(module), module
+        if node.target in _FUNCTIONAL_FORMS:
+            cls, names = _FUNCTIONAL_FORMS[node.target]
+            return cls, self._arguments(node, names)
+        return None
+
+    def _rule(self, node: fx.Node, args: list[fx.Node]) -> tuple[str, Any]:
+        """User constants first, then what the node returns, then the rules of modules or of functions."""
+        value = self.values[node.name]
+        if node.op == "call_module":
+            constant = _user_constant(self.user, self.modules[str(node.target)], str(node.target))
+            if constant is not None:
+                return "user", (args[0], constant)
+        form = self._form(node)
+        # a max pooling's (values, indices): its factor bounds the values, which a getitem picks
+        with_indices = form is not None and issubclass(form[0], _MAX_POOLS) and isinstance(value, tuple)
+        if not isinstance(value, Tensor) and not with_indices:
+            if node.op != "call_module" and node.target in _SPLITS:  # pieces of the input; getitem picks one
+                return "isometry", (args[0], 1.0)
+            raise self._refuse(node, f"it returns a {type(value).__name__} of tensors made from the input")
+        if isinstance(value, Tensor) and not value.is_floating_point():
+            raise self._refuse(
+                node, f"it makes a {value.dtype} tensor from the input, which is not a Lipschitz map to real numbers"
             )
-            return "composition", (conv_node.args[0],)
+        if node.op == "call_module":
+            return self._module(node, args)
+        return self._function(node, args, form)
+
+    def _module(self, node: fx.Node, args: list[fx.Node]) -> tuple[str, Any]:
+        """A module call: compositions with a BatchNorm, linear modules, BatchNorm, isometries, then ``_layer``."""
+        module = self.modules[str(node.target)]
+        name = clean_name(str(node.target))
+        if len(args) != 1 or node.args[0] is not args[0]:
+            raise self._refuse(node, "it takes more than one input-dependent argument")
+        source = args[0]
+        in_value = self.values[source.name]
+        in_shape = tuple(in_value.shape[1:]) if isinstance(in_value, Tensor) else ()
+        if node.name in self.composed:
+            conv_node = self.composed[node.name]
+            conv, conv_source = self.modules[str(conv_node.target)], self.rules[conv_node.name][1][0]
+            composition = f"{clean_name(str(conv_node.target))}+{name}"
+            conv_shape = tuple(self.values[conv_source.name].shape[1:])
+            return self._measured(
+                node, _Job(nn.Sequential(conv, module), conv_shape, "composition", composition), conv_source
+            )
         if isinstance(module, _LINEAR_MODULES):
-            jobs[node.name] = _Job(module, in_shape, "linear", name)
-            return "linear", (source,)
+            return self._measured(node, _Job(module, in_shape, "linear", name), source)
         if isinstance(module, _BatchNorm):
             if module.running_var is None:
-                raise refuse("a BatchNorm without running statistics normalizes with batch statistics")
-            return "scale", (source, float(batchnorm_scale(module).abs().max()))
+                raise self._refuse(node, "a BatchNorm without running statistics normalizes with batch statistics")
+            gain = float(batchnorm_scale(module).abs().max())
+            return self._after_activation(node, module, name, source) or ("scale", (source, gain))
         if isinstance(module, _ISOMETRIC_MODULES):
             return "isometry", (source, 1.0)
-        for cls, constant_or_rule in ACTIVATION_CONSTANTS.items():
-            if isinstance(module, cls):
-                c = constant_or_rule(module) if callable(constant_or_rule) else constant_or_rule
-                return "activation", (source, float(c))
-        if isinstance(module, _MaxPoolNd):
-            d = len(in_shape) - 1
-            kernel = _ntuple(module.kernel_size, d)
-            stride = _ntuple(module.stride or module.kernel_size, d)
-            overlap = _max_pool_overlap(kernel, stride, _ntuple(module.dilation, d))
-            return "max_pool", (source, math.sqrt(overlap))
-        if isinstance(module, _AdaptiveMaxPoolNd):
-            d = len(in_shape) - 1
-            out = _ntuple(module.output_size, d) if module.output_size is not None else in_shape[1:]
-            return "max_pool", (source, math.sqrt(_adaptive_overlap(in_shape[1:], out)))
-        raise refuse(f"no rule for {type(module).__name__}")
+        return self._layer(node, type(module), module, source)
 
-    target = node.target
-    if target in _SUMS:
-        if node.op == "call_function" and target in (torch.add, torch.sub) and "alpha" in node.kwargs:
-            weights = [1.0, float(node.kwargs["alpha"])]
-        else:
-            weights = [1.0, 1.0]
-        terms = [(a, w) for a, w in zip(node.args[:2], weights, strict=False) if isinstance(a, fx.Node)]
-        return "sum", [(a, w) for a, w in terms if a.name in dependent]
-    if target in _CONCATS:
-        return "concat", args
-    if target in _PRODUCTS or target in _QUOTIENTS:
-        operands = list(node.args[:2])
-        if len(args) != 1 or (target in _QUOTIENTS and operands[0] is not source):
-            raise refuse(
-                "a product or quotient of input-dependent values (e.g. squeeze-and-excitation gating) is not "
-                "Lipschitz with a constant known from the weights"
+    def _layer(self, node: fx.Node, cls: type[nn.Module], params: Any, source: fx.Node) -> tuple[str, Any]:
+        """The rules a module and its functional forms share (max pooling, activations), reading the module's
+        attributes from ``params``: the module, or the call's arguments of the same names."""
+        in_value, value = self.values[source.name], self.values[node.name]
+        if issubclass(cls, _MAX_POOLS):
+            return "max_pool", (source, math.sqrt(self._pool_overlap(node, cls, params, in_value)))
+        for key, constant in ACTIVATION_CONSTANTS.items():
+            if issubclass(cls, key):
+                slope = float(constant(params) if callable(constant) else constant)
+                if issubclass(cls, _ELEMENTWISE) and value.shape == in_value.shape:
+                    self.elementwise.add(node.name)
+                return "activation", (source, slope * _replication(in_value, value))  # clamp's bounds may broadcast
+        raise self._refuse(node, f"no rule for {cls.__name__}")
+
+    def _pool_overlap(self, node: fx.Node, cls: type[nn.Module], params: Any, in_value: Tensor) -> int:
+        """How many windows of a max pooling can share one input element (its factor is the square root)."""
+        d = next(n for pool, n in _POOL_DIMS.items() if issubclass(cls, pool))
+        if issubclass(cls, _AdaptiveMaxPoolNd):
+            out = _sizes(params.output_size, d, none=True)
+            if out is None:
+                raise self._refuse(node, f"its output_size {params.output_size!r} is not {d} sizes (ints or None)")
+            return _adaptive_overlap(tuple(in_value.shape[-d:]), out)
+        empty = params.stride is None or (isinstance(params.stride, list | tuple) and not params.stride)
+        stride = params.kernel_size if empty else params.stride  # stride defaults to the kernel
+        kernel, strides, dilation = (_sizes(v, d) for v in (params.kernel_size, stride, params.dilation))
+        if kernel is None or strides is None or dilation is None:
+            raise self._refuse(
+                node,
+                f"its kernel_size, stride and dilation ({params.kernel_size!r}, {stride!r}, {params.dilation!r}) "
+                f"are not ints or tuples of {d} ints",
             )
+        return _max_pool_overlap(kernel, strides, dilation)
+
+    def _after_activation(self, node: fx.Node, bn: _BatchNorm, name: str, act: fx.Node) -> tuple[str, Any] | None:
+        """``linear → element-wise activation → this BatchNorm`` bounded by the activation's slope times σ₁ of
+        ``BatchNorm∘linear`` (module docstring), where the linear map (a module, or a conv∘BatchNorm) feeds only the
+        activation and the activation (``act``) only the BatchNorm; ``None`` where the chain is not there."""
+        if not (self.compose_batchnorm and act.name in self.elementwise and len(act.users) == 1):
+            return None
+        linear, slope = self.rules[act.name][1]
+        job = self.jobs.get(linear.name)
+        if job is None or linear.name not in self.affine or len(linear.users) != 1 or not isinstance(job.op, nn.Module):
+            return None
+        act_name = clean_name(str(act.target)) if act.op == "call_module" else act.name
+        composition = f"{job.module or linear.name}+{act_name}+{name}"
+        self.jobs[node.name] = _Job(nn.Sequential(job.op, bn), job.shape, "composition", composition)
+        return "composition", (self.rules[linear.name][1][0], slope)
+
+    def _function(
+        self, node: fx.Node, args: list[fx.Node], form: tuple[type[nn.Module], Any] | None
+    ) -> tuple[str, Any]:
+        """A function or method call: sums, concatenations, scales; then, with one input-dependent argument first,
+        the functional forms of modules (``form``), dropout, padding and the other functions."""
+        target, value = node.target, self.values[node.name]
+        if target in _SUMS:
+            alpha = self._arguments(node, {"other": None, "alpha": 1.0}).alpha  # torch.add(a, b, alpha=w), a.add(…)
+            weights = [1.0, abs(float(alpha))]
+            terms = [(a, w) for a, w in zip(node.args[:2], weights, strict=False) if isinstance(a, fx.Node)]
+            return "sum", [(a, w * _replication(self.values[a.name], value)) for a, w in terms if a in args]
+        if target in _CONCATS:
+            return "concat", args
+        if target in _PRODUCTS or target in _QUOTIENTS:
+            return self._scale(node, args)
+        source = args[0]
+        if len(args) != 1 or not (node.args and node.args[0] is source):
+            raise self._refuse(node, "its input-dependent argument is not its first, or it has several")
+        if form is not None:
+            return self._layer(node, *form, source)
+        if target in _DROPOUTS:
+            call = self._arguments(node, {**_DROPOUT_ARGS, "training": _DROPOUTS[target]})
+            if call.training and call.p > 0:
+                raise self._refuse(node, "it drops values at inference (training=True); pass training=self.training")
+            return "isometry", (source, 1.0)
+        if target is F.pad and self._arguments(node, _PAD_ARGS).mode == "constant":
+            return "isometry", (source, 1.0)  # each value kept once or cropped, constants added: as ConstantPad*d
+        if target is F.batch_norm and self._arguments(node, _BATCHNORM_ARGS).training:
+            raise self._refuse(node, "it normalizes with batch statistics (training=True)")
+        if target in _ISOMETRIC_FUNCTIONS or (node.op == "call_method" and target in _ISOMETRIC_METHODS):
+            return "isometry", (source, 1.0)
+        if target is operator.getitem:
+            if _is_basic_index(node.args[1] if len(node.args) > 1 else None):
+                return "isometry", (source, 1.0)
+            raise self._refuse(node, "indexing by a tensor or a list may repeat elements")
+        if target in _LINEAR_FUNCTIONS or (node.op == "call_method" and target in _LINEAR_METHODS):
+            return self._measured(node, self._linear_call(node, source), source)
+        raise self._refuse(node, "no rule for this op")
+
+    def _scale(self, node: fx.Node, args: list[fx.Node]) -> tuple[str, Any]:
+        """A product or quotient by a constant: its largest ``|c|`` (``1/min |c|`` for a divisor)."""
+        quotient = node.target in _QUOTIENTS
+        operands = list(node.args[:2])
+        if len(args) != 1 or (quotient and operands[0] is not args[0]):
+            raise self._refuse(
+                node,
+                "a product or quotient of input-dependent values (e.g. squeeze-and-excitation gating) is not "
+                "Lipschitz with a constant known from the weights",
+            )
+        source = args[0]
         other = operands[1] if operands[0] is source else operands[0]
-        c = values.get(other.name) if isinstance(other, fx.Node) else other
+        c = self.values.get(other.name) if isinstance(other, fx.Node) else other
         c = torch.as_tensor(c, dtype=torch.float64).abs()
-        if target in _QUOTIENTS:
+        repeated = _replication(self.values[source.name], self.values[node.name])
+        if quotient:
             smallest = float(c.min()) if c.numel() else 0.0
             if smallest == 0.0:
-                raise refuse("it divides by a value that can be zero")
-            return "scale", (source, 1.0 / smallest)
-        return "scale", (source, float(c.max()) if c.numel() else 0.0)
-    if len(args) != 1 or not (node.args and node.args[0] is source):
-        raise refuse("its input-dependent argument is not its first, or it has several")
-    rest_args, kwargs = node.args[1:], dict(node.kwargs)
-    if node.op == "call_function" and target in _FUNCTIONAL_ACTIVATIONS:
-        return "activation", (source, _FUNCTIONAL_ACTIVATIONS[target])
-    if node.op == "call_function" and target is F.leaky_relu:
-        slope = kwargs.get("negative_slope", rest_args[0] if rest_args else 0.01)
-        return "activation", (source, max(1.0, abs(float(slope))))
-    if node.op == "call_method" and target in _FUNCTIONAL_ACTIVATIONS:
-        return "activation", (source, _FUNCTIONAL_ACTIVATIONS[target])
-    if target in _ISOMETRIC_FUNCTIONS or (node.op == "call_method" and target in _ISOMETRIC_METHODS):
-        return "isometry", (source, 1.0)
-    if target is operator.getitem:
-        index = rest_args[0] if rest_args else None
-        if _is_basic_index(index):
-            return "isometry", (source, 1.0)
-        raise refuse("indexing by a tensor or a list may repeat elements")
-    if target in _LINEAR_FUNCTIONS or (node.op == "call_method" and target in _LINEAR_METHODS):
-        constant_args = [fx.node.map_arg(a, lambda n: values[n.name]) for a in rest_args]
-        constant_kwargs = {k: fx.node.map_arg(v, lambda n: values[n.name]) for k, v in kwargs.items()}
-        method = node.op == "call_method"
+                raise self._refuse(node, "it divides by a value that can be zero")
+            return "scale", (source, repeated / smallest)
+        return "scale", (source, repeated * (float(c.max()) if c.numel() else 0.0))
 
-        def op(x: Tensor, _target: Any = target) -> Tensor:
+    def _linear_call(self, node: fx.Node, source: fx.Node) -> _Job:
+        """A linear function or method as called, its other arguments the constants they were in the traced run."""
+        constant_args = [fx.node.map_arg(a, lambda n: self.values[n.name]) for a in node.args[1:]]
+        constant_kwargs = {k: fx.node.map_arg(v, lambda n: self.values[n.name]) for k, v in node.kwargs.items()}
+        target = node.target  # a method's name, or a function
+
+        def op(x: Tensor) -> Tensor:
             args = [_cast(a, x) for a in constant_args]
             kwargs = {k: _cast(v, x) for k, v in constant_kwargs.items()}
-            return getattr(x, _target)(*args, **kwargs) if method else _target(x, *args, **kwargs)
+            return getattr(x, target)(*args, **kwargs) if isinstance(target, str) else target(x, *args, **kwargs)
 
-        jobs[node.name] = _Job(op, in_shape, "linear", None)
-        return "linear", (source,)
-    raise refuse("no rule for this op")
+        return _Job(op, tuple(self.values[source.name].shape[1:]), "linear", None)
 
 
 def _cast(value: Any, like: Tensor) -> Any:
@@ -758,7 +942,7 @@ def _lower_bound(
     start = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(device)
     v = start / torch.linalg.vector_norm(start, dim=tuple(range(1, x.dim())), keepdim=True)
     with eval_mode(model):
-        fx0, pullback = torch.func.vjp(f, x)
+        fx0, pullback = torch.func.vjp(f, x)[:2]  # (output, pullback); a third item only with has_aux
         fx0 = fx0.detach()
         for _ in range(iters):
             with torch.no_grad():
@@ -839,7 +1023,7 @@ class CertifiedAccuracy(Metric):
         if not (isinstance(lipschitz, int | float) and math.isfinite(lipschitz) and lipschitz > 0):
             raise ValueError(f"lipschitz must be a finite number > 0, got {lipschitz!r}")
         self.scalar = not isinstance(eps, Iterable)
-        radii = [float(eps)] if self.scalar else [float(e) for e in eps]
+        radii = [float(e) for e in eps] if isinstance(eps, Iterable) else [float(eps)]
         if not radii or not all(math.isfinite(e) and e >= 0 for e in radii):
             raise ValueError(f"eps must be one or more finite radii >= 0, got {eps!r}")
         self.lipschitz = float(lipschitz)
