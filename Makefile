@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo study test test-fast lint format bench clean
+.PHONY: venv demo study test test-fast lint typecheck format bench clean
 
 # MLflow and W&B go on top of dev in a second pip call (pyproject.toml's trackers extra says why)
 $(STAMP): pyproject.toml
@@ -30,18 +30,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# the package's type hints, checked as configured in pyproject.toml's [tool.mypy]
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint typecheck
 	$(BIN)/python -m pytest -q -x --timeout=900 --doctest-modules lightning_specclip tests
 
-test-fast: lint
+test-fast: lint typecheck
 	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules lightning_specclip tests
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_spectrum.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache outputs multirun
