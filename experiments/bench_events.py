@@ -50,7 +50,7 @@ def _count_products() -> Iterator[Callable[[], int]]:
         return original(self, x, *args, **kwargs)
 
     def counted_grouped(self: power.Grams, vectors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        count[0] += sum(len(g) for g, direct in zip(self.groups, self._direct, strict=True) if direct)  # others: apply
+        count[0] += sum(len(g) for g, direct in zip(self.groups, self.direct, strict=True) if direct)  # others: apply
         return grouped(self, vectors)
 
     operator.ImplicitLinear.apply = counted  # type: ignore[method-assign]

@@ -31,7 +31,7 @@ from torch import nn
 
 from lightning_specclip.tracking import batchnorm_gains, composition_norms, input_shapes, spectral_norms
 
-__all__ = ["SourceError", "format_report", "inspect_model", "load_model", "main", "parse_input_shape"]
+__all__ = ["SourceError", "format_report", "inspect_model", "load_model", "main", "parse_input_shape", "progress_bar"]
 
 #: The forms SOURCE may take, as error messages list them.
 SOURCE_FORMS = (
@@ -324,8 +324,17 @@ def _columns(rows: list[list[str]]) -> str:
 
 
 @contextlib.contextmanager
-def _progress_bar() -> Iterator[Progress]:
-    """A tqdm bar on stderr, shown only on a terminal and only once measuring has taken over a second."""
+def progress_bar() -> Iterator[Progress]:
+    """A tqdm bar on stderr, shown only on a terminal and only once measuring has taken over a second.
+
+    Yields:
+        Progress: ``update(done, total, what)``, called as each map is measured (what :func:`inspect_model` takes
+        as ``progress``); the bar is closed on exit.
+
+    Example:
+        >>> with progress_bar() as update:
+        ...     update(1, 2, "fc")
+    """
     from tqdm.auto import tqdm
 
     bar = tqdm(total=0, desc="measuring", unit="map", file=sys.stderr, leave=False, delay=1.0, disable=None)
@@ -393,7 +402,7 @@ def _inspect(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - a model that does not run at this shape is bad input
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SourceError(f"the model does not run on inputs of shape {_shape(shape)}: {message}") from None
-    with _progress_bar() as progress:
+    with progress_bar() as progress:
         report = inspect_model(
             model,
             shape,

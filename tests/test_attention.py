@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_callback import Classifier, loader, trainer
+from helpers import Classifier, loader, trainer, weight_sigma
 from torch import nn
 
 from lightning_specclip import SpectralClipCallback
 from lightning_specclip.targets import attention_projection
-
-
-def sigma(weight: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(weight.detach().double(), 2))
 
 
 def projections(attention: nn.MultiheadAttention) -> dict[str, torch.Tensor]:
@@ -42,10 +38,10 @@ def test_vision_transformer_every_map_clipped():
     assert "net.encoder.layers.encoder_layer_1.self_attention.out_proj" in names
     for attention in attentions:
         for which, weight in projections(attention).items():
-            assert sigma(weight) <= 1.02, which
+            assert weight_sigma(weight) <= 1.02, which
     for name, m in vit.named_modules():
         if isinstance(m, nn.Linear):  # the MLPs, the head and every out_proj
-            assert sigma(m.weight) <= 1.02, name
+            assert weight_sigma(m.weight) <= 1.02, name
 
 
 def test_separate_key_and_value_weights():
@@ -78,7 +74,7 @@ def test_separate_key_and_value_weights():
         "net.attn.out_proj",
     ]
     for which, weight in projections(net.attn).items():
-        assert sigma(weight) <= 1.02, which
+        assert weight_sigma(weight) <= 1.02, which
 
 
 def test_projection_view_writes_the_attention_weights():

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_specclip.cli import _progress_bar, load_model, main
+from lightning_specclip.cli import load_model, main, progress_bar
 from lightning_specclip.tracking import spectral_norms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,7 +310,7 @@ def test_progress_bar_on_a_terminal_shows_each_map(monkeypatch):
 
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    with _progress_bar() as progress:
+    with progress_bar() as progress:
         time.sleep(1.1)  # the bar shows only once measuring has taken over a second
         for done in range(1, 4):
             progress(done, 3, f"layer{done}")

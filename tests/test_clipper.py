@@ -1,27 +1,22 @@
-"""SpectralClipper outside Lightning's Trainer: a plain PyTorch loop, the optimizer-attached mode, Fabric, and a GAN
-under Lightning's manual optimization. Every bound is checked in float64 (dense SVD or ARPACK) on the layer as it is."""
+"""SpectralClipper outside Lightning's Trainer: a plain PyTorch loop, the optimizer-attached mode, Fabric, a GAN under
+Lightning's manual optimization, transposed convolutions called with ``output_size=``, stepping inside autocast, and
+maps it cannot bound or that never ran reported as not clipped. Every bound is checked in float64 (dense SVD or
+ARPACK, or the dense Jacobian of the call) on the layer as it is."""
 
 from __future__ import annotations
-
-import math
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import scaled, sigma_as_called, small_cnn, trainer, unet, weights_hash
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_specclip import SpectralClipCallback, SpectralClipper
-from lightning_specclip.spectral.exact import dense_singular_values, lanczos_singular_values
-from tests.test_callback import scaled, small_cnn, trainer, weights_hash
-
-
-def true_sigma(module: nn.Module, shape) -> float:
-    """σ₁ of the module at ``shape`` in float64 (a dense SVD up to 2048 inputs, ARPACK beyond): independent of the
-    clipper's own numbers."""
-    if math.prod(shape) <= 2048:
-        return float(dense_singular_values(module, shape)[0])
-    return float(lanczos_singular_values(module, shape, k=1, tol=1e-8, dtype=torch.float64).values[0])
+from lightning_specclip import (
+    SpectralClipCallback,
+    SpectralClipper,
+)
+from lightning_specclip.tracking import ground_truth_sigma
 
 
 def batches(shape, n_batches: int, batch_size: int = 4, seed: int = 0):
@@ -61,13 +56,13 @@ def test_resnet18_in_a_plain_loop_holds_every_layer(attached: bool) -> None:
     assert all(count >= 1 for count in clipper.clips.values())  # every layer started at twice its norm: clipped
     if attached:  # the bound holds right after the clip step, inside optimizer.step(), with no clip() after it
         for m in clipper.maps:
-            assert true_sigma(m.module, m.input_shape) <= 1.02, m.name
+            assert ground_truth_sigma(m.module, m.input_shape) <= 1.02, m.name
     train(net, opt, data[2:], clipper, attached)
     assert clipper.num_steps == 3 and clipper.dirty  # step 3 moved the weights after the clip
     clipper.clip()
     assert not clipper.dirty
     for m in clipper.maps:
-        assert true_sigma(m.module, m.input_shape) <= 1.02, m.name
+        assert ground_truth_sigma(m.module, m.input_shape) <= 1.02, m.name
     clipper.remove()
 
 
@@ -81,7 +76,7 @@ def test_the_first_step_fixes_the_maps_from_training_mode_forwards_only() -> Non
         net[:6](torch.rand(2, 1, 12, 12))  # the convolutions evaluated at another size: not a training shape
     train(net, opt, batches((1, 8, 8), 1), clipper, attached=False)
     assert {m.name: m.input_shape for m in clipper.maps} == {"0": (1, 8, 8), "3": (4, 8, 8), "7": (64,)}
-    assert true_sigma(net[0], (1, 8, 8)) <= 1.02 and true_sigma(net[3], (4, 8, 8)) <= 1.02
+    assert ground_truth_sigma(net[0], (1, 8, 8)) <= 1.02 and ground_truth_sigma(net[3], (4, 8, 8)) <= 1.02
 
 
 def test_resume_in_a_plain_loop_is_exact() -> None:
@@ -146,7 +141,7 @@ def test_fabric_loop() -> None:
     assert clipper.num_steps == 3
     assert [m.name for m in clipper.maps] == ["0", "3", "7"]  # the model's own names, not Fabric's wrapper's
     for m in clipper.maps:
-        assert true_sigma(m.module, m.input_shape) <= 1.02, m.name
+        assert ground_truth_sigma(m.module, m.input_shape) <= 1.02, m.name
 
 
 # ---------------------------------------------------------------- a GAN under manual optimization
@@ -185,9 +180,9 @@ class GAN(pl.LightningModule):
         d = self.discriminator
         self.seen_by_generator.append(
             {
-                "discriminator.0": true_sigma(d[0], (1, 8, 8)),
-                "discriminator.3": true_sigma(d[3], (256,)),
-                "generator.2": true_sigma(self.generator[2], (4, 4, 4)),
+                "discriminator.0": ground_truth_sigma(d[0], (1, 8, 8)),
+                "discriminator.3": ground_truth_sigma(d[3], (256,)),
+                "generator.2": ground_truth_sigma(self.generator[2], (4, 4, 4)),
             }
         )
         g_loss = nn.functional.softplus(-self.discriminator(self.generator(z))).mean()
@@ -236,3 +231,94 @@ def test_the_final_clip_reports_measured_values_for_maps_it_left_alone() -> None
     truth = torch.linalg.matrix_norm(layer.weight.detach().double(), 2).item()
     assert truth == pytest.approx(0.8, rel=1e-5)
     assert clipper.sigmas["0"] == pytest.approx(truth, rel=1e-4)
+
+
+def train_plain(net: nn.Module, clipper_kwargs: dict, steps: int = 4, shape=(1, 8, 8)) -> SpectralClipper:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    clipper = SpectralClipper(net, optimizer=opt, warmup_iters=30, **clipper_kwargs)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        net(torch.randn((4, *shape), generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    clipper.clip()
+    return clipper
+
+
+def test_transposed_conv_called_with_output_size_is_clipped_as_it_runs():
+    net = unet()
+    clipper = train_plain(net, dict(target=1.0, modules=["up"], every_n_steps=2))
+    as_run = sigma_as_called(net.up, (4, 4, 4), output_size=(8, 8))
+    as_defined = sigma_as_called(net.up, (4, 4, 4))  # the map without output_size: one row and column fewer
+    assert as_run > as_defined * 1.005  # the two maps differ on these weights, so the test tells them apart
+    assert as_run <= 1.0 * 1.01
+    assert clipper.sigmas["up"] == pytest.approx(as_run, rel=5e-3)
+    (up,) = clipper.maps
+    assert up.name == "up" and up.call == (("output_padding", (1, 1)),)
+
+
+def test_transposed_conv_called_two_ways_is_two_maps():
+    up = nn.ConvTranspose1d(2, 2, 3, stride=2, padding=1)
+    with torch.no_grad():
+        up.weight.mul_(5)
+    clipper = SpectralClipper(nn.Sequential(up), 1.0, warmup_iters=30)
+    up(torch.randn(2, 2, 6), output_size=[12])
+    up(torch.randn(2, 2, 6))
+    clipper.clip()
+    assert [(m.name, m.call) for m in clipper.maps] == [("0", (("output_padding", (1,)),)), ("0@2x6", ())]
+    assert sigma_as_called(up, (2, 6), output_size=[12]) <= 1.01
+    assert sigma_as_called(up, (2, 6)) <= 1.01
+
+
+def test_a_call_whose_map_cannot_be_rebuilt_is_reported_not_clipped():
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return super().forward(x) * scale
+
+    net = nn.Sequential(Scaled(4, 4))
+    clipper = SpectralClipper(net, 1.0)
+    net[0](torch.randn(2, 4), scale=3.0)
+    with pytest.warns(UserWarning, match=r"neither tracked nor clipped, called with arguments besides its input"):
+        clipper.step()
+    assert clipper.maps == [] and "cannot be rebuilt" in clipper.not_clipped["0"]
+    assert "cannot be rebuilt" in clipper.summary()
+
+
+def test_plain_loop_stepping_inside_autocast():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    clipper = SpectralClipper(net, 0.5, optimizer=opt, every_n_steps=2, warmup_iters=30)
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(torch.randn(4, 1, 8, 8)).square().mean().backward()
+            opt.step()  # the clipper steps (and clips) here, inside the autocast region
+            opt.zero_grad()
+            clipper.clip()
+    assert sigma_as_called(net[0], (1, 8, 8)) <= 0.5 * 1.01
+    assert sigma_as_called(net[2], (4, 8, 8)) <= 0.5 * 1.01
+    assert all(0.45 < s <= 0.5 * 1.01 for s in clipper.sigmas.values())
+
+
+def test_a_layer_that_never_ran_is_listed_as_not_clipped():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.main = nn.Conv2d(1, 2, 3)
+            self.rare = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x: torch.Tensor, rare: bool = False) -> torch.Tensor:
+            return (self.rare if rare else self.main)(x)
+
+    net = Branchy()
+    clipper = SpectralClipper(net, 1.0)
+    net(torch.randn(2, 1, 8, 8))
+    with pytest.warns(UserWarning, match=r"neither tracked nor clipped, never ran in training.*rare"):
+        clipper.step()
+    assert [m.name for m in clipper.maps] == ["main"]
+    assert "never ran in training" in clipper.not_clipped["rare"]
+    row = next(line for line in clipper.summary().splitlines() if line.startswith("rare"))
+    assert "never ran in training" in row

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_callback import Classifier, loader, scaled, small_cnn, trainer
-from test_trust_callback import true_sigma
+from helpers import Classifier, loader, scaled, small_cnn, trainer
 
 from lightning_specclip import SpectralClipCallback, SpectralClipper
 from lightning_specclip.targets import find_conv_bn_pairs, select_modules
@@ -28,8 +27,8 @@ def test_callback_clips_a_compiled_model_by_its_eager_names():
     callback = SpectralClipCallback({"net.3": 0.5, "net.0": 1.0}, modules=["net.0", "net.3"], every_n_steps=2)
     trainer(max_steps=2, callbacks=[callback]).fit(Classifier(torch.compile(net, backend="eager")), loader(n=16))
     assert [t.name for t in callback.maps] == ["net.0", "net.3"]
-    assert true_sigma(net[0], (1, 8, 8)) <= 1.0 * 1.02
-    assert true_sigma(net[3], (4, 8, 8)) <= 0.5 * 1.02
+    assert ground_truth_sigma(net[0], (1, 8, 8)) <= 1.0 * 1.02
+    assert ground_truth_sigma(net[3], (4, 8, 8)) <= 0.5 * 1.02
 
 
 class Fold(torch.nn.Module):

@@ -12,12 +12,13 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_callback import Classifier, loader, scaled, small_cnn, trainer
+from helpers import Classifier, loader, scaled, small_cnn, trainer
 from torch import nn
 
 from lightning_specclip import ImplicitLinear, SpectralClipCallback, clip_spectral_norm_, spectrum
 from lightning_specclip.spectral import PowerStep
-from lightning_specclip.spectral.exact import dense_matrix, dense_singular_values, lanczos_singular_values
+from lightning_specclip.spectral.exact import dense_matrix, lanczos_singular_values
+from lightning_specclip.tracking import ground_truth_sigma
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,10 +33,6 @@ LAYERS = {
 
 def _trainer(**kwargs) -> pl.Trainer:
     return trainer(accelerator="gpu", deterministic=False, **kwargs)
-
-
-def _cpu_sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
-    return float(dense_singular_values(copy.deepcopy(module).cpu().double(), shape)[0])
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -76,7 +73,7 @@ def test_clip_on_cuda_lands_on_the_target(name: str) -> None:
     module = module.cuda()
     result = clip_spectral_norm_(module, 1.0, shape)
     assert all(torch.isfinite(p).all() for p in module.parameters())
-    assert 0.98 <= _cpu_sigma(module, shape) <= 1.02, result
+    assert 0.98 <= ground_truth_sigma(copy.deepcopy(module).cpu(), shape) <= 1.02, result
 
 
 def test_power_step_graph_replays_the_eager_steps_and_sees_weight_updates() -> None:
@@ -110,7 +107,7 @@ def test_callback_on_cuda_in_every_precision(precision: str) -> None:
     _trainer(max_steps=4, precision=precision, callbacks=[callback]).fit(Classifier(net), loader())
     assert all(torch.isfinite(p).all() for p in net.parameters())
     for target in callback.maps:
-        assert _cpu_sigma(target.module, target.input_shape) <= 1.02, target.name
+        assert ground_truth_sigma(copy.deepcopy(target.module).cpu(), target.input_shape) <= 1.02, target.name
 
 
 def test_resnet18_on_cuda_clipped_after_fit() -> None:
@@ -137,11 +134,11 @@ def test_lockstep_measurements_and_clips_on_cuda_match_the_cpu_ground_truth() ->
     for module, _ in layers:
         with torch.no_grad():
             next(module.parameters()).mul_(5)
-    truths = [_cpu_sigma(m, shape) for m, shape in layers]
+    truths = [ground_truth_sigma(copy.deepcopy(m).cpu(), shape) for m, shape in layers]
     found = gap_free_spectra([ImplicitLinear(m, shape) for m, shape in layers], 0.0075, left=False)
     for got, truth in zip(found, truths, strict=True):
         assert truth * (1 - 0.0075) * (1 - 2e-3) <= got.sigma <= truth * (1 + 2e-3)
     results = clip_spectral_norms_([m for m, _ in layers], 1.0, [shape for _, shape in layers])
     for (module, shape), result in zip(layers, results, strict=True):
-        truth = _cpu_sigma(module, shape)
+        truth = ground_truth_sigma(copy.deepcopy(module).cpu(), shape)
         assert truth <= 1.0 * 1.01 * (1 + 2e-3) and result.after == pytest.approx(truth, rel=0.012)

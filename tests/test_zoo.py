@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_callback import Classifier
+from helpers import Classifier
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.data import DataLoader, TensorDataset

@@ -75,16 +75,17 @@ class Grams:
         self.groups += together.values()
         # The convolution of each group whose products run as direct kernel calls (None: through the operator).
         self._convs = [plain_conv(self.operators[g[0]]) for g in self.groups]
-        self._direct = [m is not None for m in self._convs]
-        self._weights = {j: self._weight(g) for j, g in enumerate(self.groups) if self._direct[j]} if fixed else None
-        # group -> (flipped kernel, padding) where the adjoint runs as a forward convolution
-        self._adjoints: dict[int, tuple[Tensor, list[int]]] = {}
+        #: per group, whether its products run as direct kernel calls (False: through the operator's ``gram``)
+        self.direct = [m is not None for m in self._convs]
+        self._weights = {j: self._weight(g) for j, g in enumerate(self.groups) if self.direct[j]} if fixed else None
+        #: group -> (flipped kernel, padding) where the adjoint runs as a forward convolution (``fixed`` weights only)
+        self.adjoints: dict[int, tuple[Tensor, list[int]]] = {}
         for j, weight in (self._weights or {}).items():
             m = self._convs[j]
             assert m is not None
             padding = stride_one_adjoint_padding(m)
             if padding is not None:
-                self._adjoints[j] = (adjoint_kernel(weight, len(self.groups[j]) * m.groups), padding)
+                self.adjoints[j] = (adjoint_kernel(weight, len(self.groups[j]) * m.groups), padding)
 
     def _weight(self, group: list[int]) -> Tensor:
         weights = [self.operators[i].tensors["weight"] for i in group]
@@ -109,8 +110,8 @@ class Grams:
             x = torch.cat([vectors[i] for i in group], dim=1) if len(group) > 1 else vectors[group[0]]
             groups = len(group) * m.groups
             y = CONVS[type(m)](x, weight, None, m.stride, m.padding, m.dilation, groups)
-            if j in self._adjoints:
-                flipped, padding = self._adjoints[j]
+            if j in self.adjoints:
+                flipped, padding = self.adjoints[j]
                 g = CONVS[type(m)](y, flipped, None, 1, padding, m.dilation, groups)
             else:
                 zeros = (0,) * len(m.kernel_size)
@@ -179,7 +180,8 @@ class PowerStep:
         self.graph = self.device.type == "cuda" if graph is None else graph
         if self.graph and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs operators on a CUDA device; they are on {self.device}")
-        self._grams = Grams(self.operators, group=group)
+        #: the products of one step (which operators run grouped: ``grams.groups``)
+        self.grams = Grams(self.operators, group=group)
         self.vectors = [A.zeros(1) for A in self.operators]  # the graph's inputs and outputs, updated in place
         self.values = [torch.zeros(1, dtype=A.dtype, device=A.device) for A in self.operators]
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -210,7 +212,7 @@ class PowerStep:
                     buffer.copy_(v.reshape(buffer.shape))
             if self.graph and self._graph is None:
                 try:
-                    self._graph = self._capture()
+                    self._graph = self.capture()
                 except RuntimeError as err:
                     warnings.warn(
                         f"PowerStep: a CUDA graph could not be captured ({err}); running eagerly", stacklevel=2
@@ -226,7 +228,7 @@ class PowerStep:
         # The products run per operator; everything else is a handful of multi-tensor (foreach) ops for all of
         # them together. σ₁ of the incoming x is ‖A x‖/‖x‖ (= √(xᵀAᵀA x / xᵀx), read off the forward product).
         tiny = torch.finfo(self.vectors[0].dtype).tiny
-        products = self._grams(self.vectors)
+        products = self.grams(self.vectors)
         grams, images = [g for g, _ in products], [y for _, y in products]
         image_norms = torch.stack(torch._foreach_norm(images))
         vector_norms = torch.stack(torch._foreach_norm(self.vectors))
@@ -234,7 +236,13 @@ class PowerStep:
         gram_norms = torch._foreach_clamp_min(torch._foreach_norm(grams), tiny)
         torch._foreach_copy_(self.vectors, torch._foreach_div(grams, gram_norms))
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
+    def capture(self) -> torch.cuda.CUDAGraph:
+        """Capture one step as a CUDA graph (called on the first step when ``graph``; a ``RuntimeError`` from it
+        makes the step run eagerly from then on, with a warning).
+
+        Returns:
+            torch.cuda.CUDAGraph: the captured step; the vectors are left as they were before the warm-up step.
+        """
         saved = [x.clone() for x in self.vectors]
         try:
             with torch.cuda.device(self.device):

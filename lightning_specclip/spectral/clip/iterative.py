@@ -33,13 +33,33 @@ from lightning_specclip.spectral.conv import plain_conv, weight_products
 from lightning_specclip.spectral.operator import ImplicitLinear
 from lightning_specclip.spectral.spectrum import Spectrum, spectrum
 
-__all__ = ["clip_iterative"]
+__all__ = ["cgls", "clip_iterative", "gain", "weight_change_products"]
 
 
-def _weight_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Callable[[Tensor], Tensor], ...]:
+def weight_change_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Callable[[Tensor], Tensor], ...]:
     """``Δ ↦ A_Δ V`` (the map is linear in the weight) and its adjoint: for a plain zero-padded convolution's weight
     the kernels called directly (:func:`~lightning_specclip.spectral.conv.weight_products`); otherwise through
-    ``torch.func.vjp``."""
+    ``torch.func.vjp``.
+
+    Args:
+        A: the operator; its tensors are the module's (or the overrides it was built with).
+        param: the name of the weight ``Δ`` replaces.
+        right: the vectors ``V``, ``(k, *A.input_shape)``.
+
+    Returns:
+        tuple[Callable, Callable]: ``apply(Δ) = A_Δ V`` (shape ``(k, *A.output_shape)``) and its adjoint
+        ``adjoint(R)`` (the shape of the weight).
+
+    Example:
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1)
+        >>> A = ImplicitLinear(conv, (2, 5, 5))
+        >>> V = torch.randn(1, 2, 5, 5)
+        >>> apply, adjoint = weight_change_products(A, "weight", V)
+        >>> torch.allclose(apply(conv.weight.detach()), conv(V) - conv.bias.view(1, 3, 1, 1), atol=1e-5)
+        True
+        >>> adjoint(torch.randn(1, 3, 5, 5)).shape
+        torch.Size([3, 2, 3, 3])
+    """
     conv = plain_conv(A) if param == "weight" else None
     if conv is not None:
         return weight_products(conv, A.tensors[param], right)
@@ -52,7 +72,7 @@ def _weight_products(A: ImplicitLinear, param: str, right: Tensor) -> tuple[Call
     return apply, lambda r: vjp(r)[0]
 
 
-def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
+def cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int, atol: float) -> Tensor:
     """Least-squares weight change ``Δ`` with ``A_Δ V ≈ rhs`` (the map is linear in the weight), by CGLS from
     ``Δ = 0``.
 
@@ -66,8 +86,26 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
     the largest ``‖A d‖/‖d‖`` of the search directions) or below ``ε`` times its start (a consistent system
     solved). Past that point more iterations only amplify the rounding: without these tests the iterates drifted
     off the solution, by orders of magnitude in float32 within a hundred iterations.
+
+    Args:
+        A: the operator, linear in ``param``.
+        param: the name of the weight that changes.
+        right: the vectors ``V``, ``(k, *A.input_shape)``.
+        rhs: where their images should move, ``(k, *A.output_shape)``.
+        iters: the most CGLS iterations.
+        atol: stop once ``‖A_Δ V − rhs‖ ≤ atol``.
+
+    Returns:
+        Tensor: the weight change ``Δ`` (the shape and dtype of the weight).
+
+    Example:
+        >>> A = ImplicitLinear(nn.Linear(3, 2).double(), (3,), dtype=torch.float64)
+        >>> V, R = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+        >>> delta = cgls(A, "weight", V, R, iters=50, atol=0.0)
+        >>> torch.allclose(V @ delta.T, R)  # two vectors, six unknowns: a consistent system
+        True
     """
-    apply, adjoint = _weight_products(A, param, right)
+    apply, adjoint = weight_change_products(A, param, right)
 
     def squared(t: Tensor) -> float:
         return float(torch.linalg.vecdot(t.flatten(), t.flatten()))
@@ -103,9 +141,25 @@ def _cgls(A: ImplicitLinear, param: str, right: Tensor, rhs: Tensor, iters: int,
     return delta
 
 
-def _gain(A: ImplicitLinear, vector: Tensor) -> Spectrum:
+def gain(A: ImplicitLinear, vector: Tensor) -> Spectrum:
     """The Rayleigh–Ritz step of one vector ``v``: the value ``‖A v‖`` (``v`` normalized), and ``A v`` normalized as
-    its left vector, from one product."""
+    its left vector, from one product.
+
+    Args:
+        A: the operator.
+        vector: ``v``, any nonzero vector of ``A.input_shape`` elements.
+
+    Returns:
+        Spectrum: one value ``‖A v‖/‖v‖``, the right vector ``v/‖v‖`` ``(1, *A.input_shape)`` and the left vector
+        ``A v/‖A v‖``.
+
+    Example:
+        >>> layer = nn.Linear(2, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.diag(torch.tensor([3.0, 1.0])))
+        >>> gain(ImplicitLinear(layer, (2,)), torch.tensor([2.0, 0.0])).values
+        tensor([3.])
+    """
     tiny = torch.finfo(A.dtype).tiny
     right = vector.detach().to(A.device, A.dtype).reshape(1, *A.input_shape)
     right = right / torch.linalg.vector_norm(right).clamp_min(tiny)
@@ -153,7 +207,7 @@ class _Working:
         if self.init is None:
             return self.measure(None, self.settings.seed, self.block)
         if self.block == 1:
-            return _gain(self.A, self.init)
+            return gain(self.A, self.init)
         return self.measure(self.init, self.settings.seed, self.block, iters=1)
 
     def rounds(self, current: Spectrum) -> tuple[Spectrum, int, bool]:
@@ -175,7 +229,7 @@ class _Working:
             shape = (-1, *[1] * len(A.output_shape))
             rhs = (new_values - current.values).view(shape) * current.left
             moving = new_values != current.values
-            delta = _cgls(A, self.param, current.right[moving], rhs[moving], s.cg_iters, atol=s.tol / 8 * target)
+            delta = cgls(A, self.param, current.right[moving], rhs[moving], s.cg_iters, atol=s.tol / 8 * target)
             if not torch.isfinite(delta).all():
                 raise RuntimeError("the least-squares step produced non-finite values; the module was left unchanged")
             self.work.add_(delta)

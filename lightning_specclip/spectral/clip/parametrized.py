@@ -39,7 +39,14 @@ from lightning_specclip.spectral.spectrum import Spectrum, spectrum
 
 _Hook = TypeVar("_Hook", _LegacyWeightNorm, _LegacySpectralNorm)
 
-__all__ = ["check_clippable", "plain_copy", "reparametrization", "reparametrization_problem", "write_through"]
+__all__ = [
+    "check_clippable",
+    "computed_weight",
+    "plain_copy",
+    "reparametrization",
+    "reparametrization_problem",
+    "write_through",
+]
 
 
 def _legacy_hook(layer: nn.Module, kind: type[_Hook]) -> _Hook | None:
@@ -145,7 +152,7 @@ def plain_copy(layer: nn.Module) -> nn.Module:
     return plain
 
 
-def _computed_weight(layer: nn.Module) -> Tensor:
+def computed_weight(layer: nn.Module) -> Tensor:
     """The weight ``layer`` computes (eval mode), read back after a write-through."""
     with eval_mode(layer), torch.no_grad():
         if reparametrization(layer) == "parametrize":
@@ -241,7 +248,7 @@ def write_through(
     originals = _Originals(layer)
     try:
         originals.assign(new)
-        got = _computed_weight(layer)
+        got = computed_weight(layer)
         defect = _relative(got, new)
         if got.shape != new.shape or not defect <= _tolerance(new.dtype):
             raise RuntimeError(

@@ -88,7 +88,7 @@ def test_a_failed_capture_warns_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch
     def fail() -> None:
         raise RuntimeError("capture refused")
 
-    monkeypatch.setattr(step, "_capture", fail)
+    monkeypatch.setattr(step, "capture", fail)
     step.graph = True  # as on a GPU
     with pytest.warns(UserWarning, match="capture refused"):
         values, vectors = step([v])
@@ -105,9 +105,9 @@ def test_layers_of_one_geometry_run_as_one_grouped_convolution_with_the_same_res
     layers = [(m, (4, 9, 9)) for m in [*same, other[0]]] + [(m, (4, 11)) for m in other[1:]]
     layers += [(m, (128, 3, 3)) for m in wide]
     operators = [ImplicitLinear(m, shape) for m, shape in layers]
-    assert sorted(map(len, PowerStep(operators)._grams.groups)) == [1] * 8  # by default every layer alone
+    assert sorted(map(len, PowerStep(operators).grams.groups)) == [1] * 8  # by default every layer alone
     step = PowerStep(operators, group=True)
-    assert sorted(map(len, step._grams.groups)) == [1, 1, 1, 2, 3]  # the 3 alike, the 2 Conv1d, the rest alone
+    assert sorted(map(len, step.grams.groups)) == [1, 1, 1, 2, 3]  # the 3 alike, the 2 Conv1d, the rest alone
     starts = [torch.randn(1, *shape) for _, shape in layers]
     values, vectors = step(starts)
     for A, v, value, vector in zip(operators, starts, values, vectors, strict=True):
@@ -142,7 +142,7 @@ def test_fixed_products_are_the_autograd_ones_for_every_geometry(group: bool) ->
     ]
     ops = [ImplicitLinear(conv, shape) for conv, shape in layers]
     grams = Grams(ops, group=group, fixed=True)
-    assert len(grams._adjoints) == (5 if group else 6)  # all but the padded and the strided one (the pair: one)
+    assert len(grams.adjoints) == (5 if group else 6)  # all but the padded and the strided one (the pair: one)
     xs = [torch.randn(1, *A.input_shape) for A in ops]
     for A, x, (g, y) in zip(ops, xs, grams(xs), strict=True):
         want_g, want_y = A.gram(x)

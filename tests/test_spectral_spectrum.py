@@ -1,4 +1,5 @@
-"""``spectrum()`` against the dense float64 SVD for every layer kind, plus its contract (issue 2)."""
+"""``spectrum()`` against the dense float64 SVD for every layer kind (``k`` up to the input dimension), plus its
+contract (issue 2)."""
 
 from __future__ import annotations
 
@@ -417,3 +418,25 @@ def test_gap_free_past_an_invariant_subspace_stays_exact(seed: int) -> None:
     found = spectrum(lin, (600,), solver="gap_free", tol=0.0075, seed=seed)
     assert found.iters == gap_free_steps(600, 0.0075) > 10  # Lanczos steps past the invariant subspace
     assert found.sigma == pytest.approx(truth, rel=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["krylov", "power_qr", "subspace"])
+@pytest.mark.parametrize(("features", "outputs", "k"), [(1, 5, 1), (3, 4, 3)])
+def test_k_up_to_the_input_dimension(solver: str, features: int, outputs: int, k: int) -> None:
+    torch.manual_seed(0)  # the weights are made here, not at collection time: the same in every test ordering
+    module, shape = nn.Linear(features, outputs), (features,)
+    truth = torch.linalg.svdvals(module.weight.detach().double())
+    s = spectrum(module, shape, k=k, solver=solver, tol=1e-7)
+    assert s.values.shape == (k,) and s.right.shape == (k, *shape)
+    # PowerQR stops when the values change by less than tol in one iteration, not on a residual: looser
+    rtol, atol = (1e-4, 1e-5) if solver == "power_qr" else (1e-5, 1e-6)
+    torch.testing.assert_close(s.values.double(), truth[:k], rtol=rtol, atol=atol)
+
+
+def test_k_equal_to_n_for_a_convolution() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3, padding=1)
+    truth = dense_singular_values(conv, (2, 3))
+    for solver in ("krylov", "power_qr", "subspace"):
+        s = spectrum(conv, (2, 3), k=6, solver=solver, tol=1e-7)
+        torch.testing.assert_close(s.values.double(), truth, rtol=1e-4, atol=1e-5)

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import Classifier, loader, scaled, small_cnn, trainer
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
-from test_callback import Classifier, loader, scaled, small_cnn, trainer
 
 from lightning_specclip import SpectralClipCallback
 
@@ -230,7 +230,7 @@ def test_tracker_packages_not_imported_without_their_logger(tmp_path: Path) -> N
     script = f"""
 import sys
 from lightning.pytorch.loggers import TensorBoardLogger
-from test_callback import Classifier, loader, small_cnn, trainer
+from helpers import Classifier, loader, small_cnn, trainer
 from lightning_specclip import SpectralClipCallback
 callback = SpectralClipCallback(1.0, every_n_steps=2, warmup_iters=5, log_every_n_steps=1)
 logger = TensorBoardLogger({str(tmp_path)!r}, name="tb")
