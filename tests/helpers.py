@@ -201,6 +201,18 @@ def with_stats(bn: nn.modules.batchnorm._BatchNorm, seed: int = 1) -> nn.Module:
     return bn
 
 
+def random_batchnorm(bn: nn.modules.batchnorm._BatchNorm, batches_tracked: int = 7) -> nn.Module:
+    """A BatchNorm with running statistics and affine parameters drawn from the global generator, in train mode."""
+    c = bn.num_features
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c))
+        bn.running_var.copy_(torch.rand(c) * 2 + 0.2)
+        bn.weight.copy_(torch.randn(c))
+        bn.bias.copy_(torch.randn(c))
+        bn.num_batches_tracked.fill_(batches_tracked)
+    return bn.train()
+
+
 def as_seq(module):
     return nn.Sequential(*module) if isinstance(module, tuple) else module
 

@@ -3,8 +3,6 @@ padding, 1×1, strided and grouped convolutions, Conv1d, bf16 write-back, refusa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from helpers import circular_conv
@@ -12,16 +10,6 @@ from torch import nn
 
 from lightning_specclip.methods.senderovich import senderovich_clip_
 from lightning_specclip.spectral.exact import dense_singular_values, fft_singular_values
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny ops: intra-op threads only add synchronisation (60× slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- senderovich_clip_
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -16,15 +14,6 @@ from lightning_specclip.spectral.exact import (
     fft_singular_values,
     lanczos_singular_values,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny ops: intra-op threads only add synchronisation (60× slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _circular(cls: type[nn.Module], c_in: int, c_out: int, k: int, seed: int = 0, **kw: object) -> nn.Module:

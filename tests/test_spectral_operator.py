@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import random_batchnorm
 from torch import Tensor, nn
 
 from lightning_specclip import ImplicitLinear
@@ -16,14 +17,7 @@ from lightning_specclip.spectral.exact import dense_matrix
 
 
 def _bn(bn: nn.Module) -> nn.Module:
-    c = bn.num_features
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c))
-        bn.running_var.copy_(torch.rand(c) * 2 + 0.2)
-        bn.weight.copy_(torch.randn(c))
-        bn.bias.copy_(torch.randn(c))
-        bn.num_batches_tracked.fill_(3)
-    return bn.train()
+    return random_batchnorm(bn, batches_tracked=3)
 
 
 KINDS: dict[str, tuple[Callable[[], nn.Module | Callable[[Tensor], Tensor]], tuple[int, ...]]] = {

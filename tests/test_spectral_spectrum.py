@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import random_batchnorm
 from torch import Tensor, nn
 
 from lightning_specclip import Spectrum, spectrum
@@ -18,15 +19,7 @@ Factory = Callable[[], nn.Module | Callable[[Tensor], Tensor]]
 
 
 def _bn(bn: nn.Module) -> nn.Module:
-    """Give a BatchNorm non-trivial running statistics and affine parameters, and leave it in train mode."""
-    c = bn.num_features
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c))
-        bn.running_var.copy_(torch.rand(c) * 2 + 0.2)
-        bn.weight.copy_(torch.randn(c))
-        bn.bias.copy_(torch.randn(c))
-        bn.num_batches_tracked.fill_(7)
-    return bn.train()
+    return random_batchnorm(bn, batches_tracked=7)
 
 
 def _conv_bn() -> nn.Module:
