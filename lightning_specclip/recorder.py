@@ -12,17 +12,32 @@ from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_specclip.tracked_map import Call
 
-__all__ = ["InputShapeRecorder"]
+__all__ = ["InputShapeRecorder", "call_of"]
 
 log = logging.getLogger(__name__)
 
 _CONV_TRANSPOSE_FORWARDS = (nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward)
 
 
-def _call_of(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Call | str:
+def call_of(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> Call | str:
     """What a forward call fixes besides the input shape, or a description of arguments the map cannot be
     rebuilt from. A transposed convolution's ``output_size`` (positional or keyword) becomes the
-    ``output_padding`` its forward computes from it."""
+    ``output_padding`` its forward computes from it.
+
+    Args:
+        module: the layer called.
+        args: the call's positional arguments, its input first.
+        kwargs: the call's keyword arguments.
+
+    Returns:
+        Call | str: what the call fixes (empty for the input alone), for
+        :func:`~lightning_specclip.tracked_map.called_view`; or why the map that runs cannot be rebuilt.
+
+    Example:
+        >>> up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
+        >>> call_of(up, (torch.zeros(1, 4, 4, 4),), {"output_size": (8, 8)})
+        (('output_padding', (1, 1)),)
+    """
     rest, extra = args[1:], dict(kwargs)
     if isinstance(module, _ConvTransposeNd) and type(module).forward in _CONV_TRANSPOSE_FORWARDS:
         size = extra.pop("output_size", rest[0] if rest else None)
@@ -118,7 +133,7 @@ class InputShapeRecorder:
             if self.training_only and not module.training:
                 return
             if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-                call = _call_of(module, args, kwargs)
+                call = call_of(module, args, kwargs)
                 if isinstance(call, str):
                     self.unsupported.setdefault(name, call)
                     return

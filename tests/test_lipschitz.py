@@ -332,3 +332,100 @@ def test_tensors_inside_tuples_are_followed_not_dropped():
 
     with pytest.raises(UnsupportedNodeError, match=r"module 'attn'.*MultiheadAttention|MultiheadAttention.*'attn'"):
         lipschitz_bound(Attention(), (3, 4), samples=2)
+
+
+class _UpWithOutputSize(nn.Module):
+    """The U-Net idiom: a transposed convolution called with ``output_size=`` the skip connection's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x
+        h = self.down(x)
+        return self.up(h, output_size=skip.size()) + skip
+
+
+def _jacobian_sigma(f, in_shape: tuple[int, ...]) -> float:
+    J = jacobian(lambda v: f(v.view(1, *in_shape)).flatten(), torch.zeros(math.prod(in_shape), dtype=torch.float64))
+    return float(torch.linalg.matrix_norm(J, ord=2))
+
+
+def test_a_transposed_conv_called_with_output_size_is_measured_as_it_runs():
+    model = _UpWithOutputSize()
+    result = lipschitz_bound(model, (4, 8, 8), samples=2)
+    up = copy.deepcopy(model.up).double().eval()
+    called = _jacobian_sigma(lambda h: up(h, output_size=(8, 8)), (4, 4, 4))  # 8×8 out: one more row and column
+    plain = _jacobian_sigma(up, (4, 4, 4))  # the module as constructed: 7×7 out
+    assert result.layers["up"] == pytest.approx(called, rel=1e-6, abs=1e-6)
+    assert abs(called - plain) > 1e-4
+    assert result.nodes["up"].input_shape == (4, 4, 4)
+    assert result.lower <= result.upper
+
+
+def test_a_linear_layer_called_with_arguments_it_cannot_be_rebuilt_from_is_refused():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return super().forward(x) * scale
+
+    ScaledLinear.__module__ = "torch.nn.modules.linear"  # kept whole by fx, as torch.nn's layers are: one node
+
+    class Extra(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = ScaledLinear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x, 5.0)  # runs 5·W, not the Linear's map
+
+    with pytest.raises(UnsupportedNodeError, match="node 'fc'.*called with arguments besides its input"):
+        lipschitz_bound(Extra(), (3,), samples=1)
+
+
+def test_in_place_writes_read_through_another_reference_are_refused():
+    class Method(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.conv(x)
+            out.mul_(100)  # read through `out`, the conv's node: invisible to the graph walk
+            return out
+
+    class Function(Method):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.conv(x)
+            y = nn.functional.leaky_relu(out, 100.0, inplace=True)
+            return out + y
+
+    with pytest.raises(UnsupportedNodeError, match="node 'mul_'.*in place.*out-of-place form"):
+        lipschitz_bound(Method(), (1, 6, 6), samples=1)
+    with pytest.raises(UnsupportedNodeError, match="node 'leaky_relu'.*in place.*out-of-place form"):
+        lipschitz_bound(Function(), (1, 6, 6), samples=1)
+
+
+def test_in_place_activations_whose_result_replaces_their_input_are_bounded():
+    class Replacing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = nn.functional.relu(self.conv1(x), inplace=True)
+            return self.act(self.conv2(h))
+
+    model = Replacing()
+    result = lipschitz_bound(model, (1, 7, 7), samples=2)
+    assert result.upper == pytest.approx(result.layers["conv1"] * result.layers["conv2"], rel=1e-9)
+    assert result.lower <= result.upper
+    resnet = torchvision.models.resnet18(num_classes=3)  # nn.ReLU(inplace=True) after its BatchNorms and sums
+    result = lipschitz_bound(resnet, (3, 16, 16), samples=1, iters=2)
+    assert 0 < result.lower <= result.upper
