@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -64,9 +65,8 @@ def _drop_compiled_code() -> None:
     those (a second model of one class, as in cross-validation folds, would reuse the first one's). Dropping the
     cache makes the next call trace the hooks now registered; the price is one recompilation of what ran before.
     """
-    from torch._dynamo import convert_frame
-
-    if getattr(convert_frame, "FRAME_COUNTER", 1):
+    convert_frame = sys.modules.get("torch._dynamo.convert_frame")  # not loaded: nothing was compiled
+    if convert_frame is not None and vars(convert_frame).get("FRAME_COUNTER", 1):
         log.info("dropping torch.compile's cached code so that compiled models call the input-shape hooks")
         torch.compiler.reset()
 
