@@ -10,19 +10,13 @@ import pytest
 import torch
 import torchattacks
 import torchvision
+from helpers import sigma_as_called
 from torch import nn
 from torch.autograd.functional import jacobian
 
 from lightning_specclip.data import DigitsDataModule
 from lightning_specclip.lipschitz import CertifiedAccuracy, UnsupportedNodeError, certified, lipschitz_bound
 from lightning_specclip.models import Normalize
-
-
-def _sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
-    """σ₁ of a linear module's map at ``shape``: the SVD of its float64 Jacobian (bias drops out)."""
-    module = copy.deepcopy(module).double().eval()
-    J = jacobian(lambda x: module(x.view(1, *shape)).flatten(), torch.zeros(math.prod(shape), dtype=torch.float64))
-    return float(torch.linalg.svdvals(J)[0])
 
 
 def _jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
@@ -49,7 +43,7 @@ def test_one_conv_is_bounded_by_its_exact_norm(padding_mode):
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode)
     result = lipschitz_bound(conv, (2, 7, 7), samples=4)
-    expected = _sigma(conv, (2, 7, 7))
+    expected = sigma_as_called(conv, (2, 7, 7))
     assert result.upper == pytest.approx(expected, rel=1e-3)
     assert result.upper >= expected * (1 - 1e-12)  # small maps are measured exactly: no slack below
     assert result.lower <= result.upper * (1 + 1e-9)
@@ -61,7 +55,7 @@ def test_a_map_too_large_for_a_dense_svd_is_bounded_within_tol():
     conv = nn.Conv2d(2, 2, 3, stride=2, padding=1, padding_mode="reflect")
     shape = (2, 34, 34)  # 2312 inputs: above the dense limit, measured by gap-free Lanczos
     result = lipschitz_bound(conv, shape, samples=2)
-    expected = _sigma(conv, shape)
+    expected = sigma_as_called(conv, shape)
     assert expected <= result.upper <= expected / (1 - 1e-3) * (1 + 1e-9)
     assert 0 < result.failure <= 1e-6
     assert result.layers[""] == pytest.approx(expected, rel=1e-8)
@@ -137,11 +131,11 @@ def test_residual_and_concat_rules_on_hand_built_models():
 
     shape = (2, 5, 5)
     residual = Residual()
-    s1, s2 = _sigma(residual.conv1, shape), _sigma(residual.conv2, shape)
+    s1, s2 = sigma_as_called(residual.conv1, shape), sigma_as_called(residual.conv2, shape)
     assert lipschitz_bound(residual, shape, samples=2).upper == pytest.approx(s1 * s2 + 1, rel=1e-9)
 
     concat = Concat()
-    sa, sb = _sigma(concat.a, shape), _sigma(concat.b, shape)
+    sa, sb = sigma_as_called(concat.a, shape), sigma_as_called(concat.b, shape)
     result = lipschitz_bound(concat, shape, samples=2)
     assert result.upper == pytest.approx(math.sqrt(sa**2 + (0.5 * sb) ** 2 + 1), rel=1e-9)
     kinds = {node.kind for node in result.nodes.values()}
@@ -156,7 +150,7 @@ def test_normalization_pooling_and_activation_rules():
     # Normalize divides by std ≥ 0.25 (×4); MaxPool2d(3, stride 2) on 8×8: an input lies in at most 2×2 windows
     # (×√4); Sigmoid's largest slope is 1/4
     result = lipschitz_bound(model, (2, 8, 8), samples=2)
-    assert result.upper == pytest.approx(4 * 2 * 0.25 * _sigma(linear, (18,)), rel=1e-9)
+    assert result.upper == pytest.approx(4 * 2 * 0.25 * sigma_as_called(linear, (18,)), rel=1e-9)
     avg = nn.AvgPool2d(2)
     assert lipschitz_bound(avg, (1, 4, 4), samples=2).upper == pytest.approx(0.5, rel=1e-9)  # mean of 4: 1/√4
 
@@ -175,7 +169,7 @@ def test_unsupported_ops_are_refused_by_name_and_constants_supply_them():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     with pytest.raises(UnsupportedNodeError, match=r"node '_1'.*LayerNorm.*module '1'.*constants=\{LayerNorm: L\}"):
         lipschitz_bound(model, (4,), samples=2)
-    sigma = _sigma(model[0], (4,))
+    sigma = sigma_as_called(model[0], (4,))
     for constants in ({nn.LayerNorm: 3.0}, {"1": 3.0}):
         result = lipschitz_bound(model, (4,), samples=2, constants=constants)
         assert result.upper == pytest.approx(3.0 * sigma, rel=1e-9)
@@ -301,7 +295,7 @@ def test_lower_bound_is_a_number_where_the_jacobian_vanishes():
         layer.bias.fill_(-100.0)
     result = lipschitz_bound(nn.Sequential(layer, nn.ReLU()), (3,), samples=4)
     assert result.lower == 0.0
-    assert result.upper == pytest.approx(_sigma(layer, (3,)), rel=1e-9)
+    assert result.upper == pytest.approx(sigma_as_called(layer, (3,)), rel=1e-9)
 
 
 def test_tensors_inside_tuples_are_followed_not_dropped():
@@ -316,7 +310,7 @@ def test_tensors_inside_tuples_are_followed_not_dropped():
 
     torch.manual_seed(6)
     halves = Halves()
-    sa, sb = _sigma(halves.a, (1, 5, 5)), _sigma(halves.b, (1, 5, 5))
+    sa, sb = sigma_as_called(halves.a, (1, 5, 5)), sigma_as_called(halves.b, (1, 5, 5))
     result = lipschitz_bound(halves, (2, 5, 5), samples=2)
     assert result.upper == pytest.approx(math.sqrt(sa**2 + sb**2), rel=1e-9)
     assert _jacobian_norm(halves, torch.rand(2, 5, 5)) <= result.upper
@@ -352,17 +346,11 @@ class _UpWithOutputSize(nn.Module):
         return self.up(h, output_size=skip.size()) + skip
 
 
-def _jacobian_sigma(f, in_shape: tuple[int, ...]) -> float:
-    J = jacobian(lambda v: f(v.view(1, *in_shape)).flatten(), torch.zeros(math.prod(in_shape), dtype=torch.float64))
-    return float(torch.linalg.matrix_norm(J, ord=2))
-
-
 def test_a_transposed_conv_called_with_output_size_is_measured_as_it_runs():
     model = _UpWithOutputSize()
     result = lipschitz_bound(model, (4, 8, 8), samples=2)
-    up = copy.deepcopy(model.up).double().eval()
-    called = _jacobian_sigma(lambda h: up(h, output_size=(8, 8)), (4, 4, 4))  # 8×8 out: one more row and column
-    plain = _jacobian_sigma(up, (4, 4, 4))  # the module as constructed: 7×7 out
+    called = sigma_as_called(model.up, (4, 4, 4), output_size=(8, 8))  # 8×8 out: one more row and column
+    plain = sigma_as_called(model.up, (4, 4, 4))  # the module as constructed: 7×7 out
     assert result.layers["up"] == pytest.approx(called, rel=1e-6, abs=1e-6)
     assert abs(called - plain) > 1e-4
     assert result.nodes["up"].input_shape == (4, 4, 4)

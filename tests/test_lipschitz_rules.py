@@ -10,17 +10,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sigma_as_called
 from torch import nn
 from torch.autograd.functional import jacobian
 
 from lightning_specclip.lipschitz import ACTIVATION_CONSTANTS, UnsupportedNodeError, lipschitz_bound
-
-
-def _sigma(module: nn.Module, shape: tuple[int, ...]) -> float:
-    """σ₁ of an affine module's linear part at ``shape`` (eval mode): the SVD of its float64 Jacobian."""
-    module = copy.deepcopy(module).double().eval()
-    J = jacobian(lambda x: module(x.view(1, *shape)).flatten(), torch.zeros(math.prod(shape), dtype=torch.float64))
-    return float(torch.linalg.matrix_norm(J, ord=2))
 
 
 def _jacobian_norm(model: nn.Module, x: torch.Tensor) -> float:
@@ -96,9 +90,11 @@ def test_functional_pooling_padding_and_activations_bound_as_their_modules():
     # 1×8×8 → conv1 4×6×6 → reflect pad 4×8×8 → max pool (3, stride 2): an input in ≤ 2×2 windows (×√4) → 4×4×4
     # → zero pad 4×5×5 (×1) → conv2 6×5×5 → slope 3 → avg pool 6×4×4 → adaptive max 4→3: ≤ 2×2 windows (×√4) → 6×3×3
     # → adaptive avg 6×2×2 → fc
-    expected = _sigma(modules[0], shape) * _sigma(nn.ReflectionPad2d(1), (4, 6, 6)) * 2.0
-    expected *= _sigma(modules[5], (4, 5, 5)) * 3.0 * _sigma(nn.AvgPool2d(2, stride=1), (6, 5, 5)) * 2.0
-    expected *= _sigma(nn.AdaptiveAvgPool2d(2), (6, 3, 3)) * _sigma(modules[12], (24,))
+    expected = sigma_as_called(modules[0], shape) * sigma_as_called(nn.ReflectionPad2d(1), (4, 6, 6)) * 2.0
+    expected *= (
+        sigma_as_called(modules[5], (4, 5, 5)) * 3.0 * sigma_as_called(nn.AvgPool2d(2, stride=1), (6, 5, 5)) * 2.0
+    )
+    expected *= sigma_as_called(nn.AdaptiveAvgPool2d(2), (6, 3, 3)) * sigma_as_called(modules[12], (24,))
     assert with_modules.upper == pytest.approx(expected, rel=1e-9)
     assert with_functions.upper == pytest.approx(expected, rel=1e-9)
     kinds = [n.kind for n in with_functions.nodes.values() if n.kind not in ("input", "output")]
@@ -186,8 +182,12 @@ def test_batchnorm_after_relu_is_measured_with_the_conv_before_it(seed):
     assert set(result.compositions) == {"0+1+2", "3+4+5", "6+7+8"}
     # the bound is Π σ₁(BN∘conv) · σ₁(fc), each measured here; separately it would be Π σ₁(conv)·max gain · σ₁(fc)
     blocks = [(net[i], net[i + 2], s) for i, s in zip((0, 3, 6), shapes, strict=True)]
-    composed = math.prod(_sigma(nn.Sequential(conv, bn), s) for conv, bn, s in blocks) * _sigma(net[10], (64,))
-    separate = math.prod(_sigma(conv, s) * _gain(bn) for conv, bn, s in blocks) * _sigma(net[10], (64,))
+    composed = math.prod(sigma_as_called(nn.Sequential(conv, bn), s) for conv, bn, s in blocks) * sigma_as_called(
+        net[10], (64,)
+    )
+    separate = math.prod(sigma_as_called(conv, s) * _gain(bn) for conv, bn, s in blocks) * sigma_as_called(
+        net[10], (64,)
+    )
     assert result.upper == pytest.approx(composed, rel=1e-9)
     assert lipschitz_bound(net, shape, samples=1, compose_batchnorm=False).upper == pytest.approx(separate, rel=1e-6)
     assert result.upper < separate / 2  # variances from 1e-3 to 10: the largest gain is far from every direction
@@ -228,9 +228,9 @@ def test_pitch_tracker_stack_composes_each_block():
     # (2, 1) windows at stride (2, 1) share nothing: ×1; the sigmoid ×1/4
     padded = [(1, 140, 1), (8, 23, 1), (4, 11, 1)]
     blocks = list(zip(net.convs, net.bns, padded, strict=True))
-    fc = _sigma(net.classifier, (16,)) / 4
-    composed = math.prod(_sigma(nn.Sequential(conv, bn), s) for conv, bn, s in blocks) * fc
-    separate = math.prod(_sigma(conv, s) * _gain(bn) for conv, bn, s in blocks) * fc
+    fc = sigma_as_called(net.classifier, (16,)) / 4
+    composed = math.prod(sigma_as_called(nn.Sequential(conv, bn), s) for conv, bn, s in blocks) * fc
+    separate = math.prod(sigma_as_called(conv, s) * _gain(bn) for conv, bn, s in blocks) * fc
     assert result.upper == pytest.approx(composed, rel=1e-9)
     assert result.upper < separate
 
@@ -250,7 +250,7 @@ def test_slopes_outside_zero_one_are_kept_by_the_composition(activation, slope):
     shape = (2, 5, 5)
     net = _conv_activation_bn(activation, bias=-20.0)  # every pre-activation negative on inputs in [0, 1]
     result = lipschitz_bound(net, shape, samples=2)
-    assert result.upper == pytest.approx(slope * _sigma(nn.Sequential(net[0], net[2]), shape), rel=1e-9)
+    assert result.upper == pytest.approx(slope * sigma_as_called(nn.Sequential(net[0], net[2]), shape), rel=1e-9)
     largest = _largest_jacobian_norm(net, shape, 20, seed=2)
     assert largest <= result.upper * (1 + 1e-12)  # rounding: the bound is attained below
     if slope == 2.0:  # all on the slope-2 side the net is the linear map 2·BN∘conv: the bound is attained
@@ -273,10 +273,10 @@ def test_a_block_after_a_composed_block_is_bounded_with_both_slopes():
     shape = (2, 5, 5)
     result = lipschitz_bound(net, shape, samples=2)
     assert set(result.compositions) == {"0+1+2"}
-    assert result.upper == pytest.approx(3.0 * _sigma(nn.Sequential(conv, bn1), shape) * _gain(bn2), rel=1e-6)
+    assert result.upper == pytest.approx(3.0 * sigma_as_called(nn.Sequential(conv, bn1), shape) * _gain(bn2), rel=1e-6)
     # the net is the linear map 3·BN2∘BN1∘conv on these inputs
     assert _largest_jacobian_norm(net, shape, 4, seed=6) == pytest.approx(
-        3.0 * _sigma(nn.Sequential(conv, bn1, bn2), shape), rel=1e-9
+        3.0 * sigma_as_called(nn.Sequential(conv, bn1, bn2), shape), rel=1e-9
     )
     assert _largest_jacobian_norm(net, shape, 4, seed=6) <= result.upper
 
@@ -293,10 +293,10 @@ def test_maps_that_do_not_act_element_by_element_are_not_composed_through(monkey
     shape = (2, 3, 3)
     result = lipschitz_bound(net, shape, samples=2)
     assert result.compositions == {}
-    assert result.upper == pytest.approx(_sigma(conv, shape) * 1.0 * _gain(bn), rel=1e-6)
+    assert result.upper == pytest.approx(sigma_as_called(conv, shape) * 1.0 * _gain(bn), rel=1e-6)
     largest = _largest_jacobian_norm(net, shape, 4, seed=4)
     assert largest <= result.upper
-    assert largest > 100 * _sigma(nn.Sequential(conv, bn), shape)  # what a composition would have claimed
+    assert largest > 100 * sigma_as_called(nn.Sequential(conv, bn), shape)  # what a composition would have claimed
     # nor through a pooling, nor when the activation's output is read elsewhere too
     pooled = nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2, 1), nn.BatchNorm2d(3))
     assert lipschitz_bound(pooled, (2, 5, 5), samples=1).compositions == {}
